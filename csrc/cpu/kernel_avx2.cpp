@@ -1,0 +1,7 @@
+// avx2 instantiation of the fused kernels (see kernel_impl.hpp).
+#define PYFK_ISA avx2
+#define PYFK_ISA_NAME "avx2"
+#define PYFK_VW 8
+#define PYFK_MR 6
+#define PYFK_NRV 2
+#include "kernel_impl.hpp"

@@ -1,0 +1,228 @@
+// Fused multi-scale Hadamard-Gram top-k, one instantiation per instruction set.
+//
+// Included by kernel_avx512.cpp / kernel_avx2.cpp / kernel_generic.cpp, each of
+// which defines PYFK_ISA (the namespace), PYFK_VW (floats per vector register),
+// PYFK_MR (query rows per micro-tile) and PYFK_NRV (vectors of pool columns per
+// micro-tile) and is compiled with its own -m flags. GCC vector extensions let
+// one source produce AVX-512, AVX2 and SSE2 code.
+//
+// Layout. Queries Q (M, D) and pool P (N, D) are row-major float32 whose
+// columns are S segments of widths w_0..w_{S-1} (D = sum w_s):
+//   product mode: segments are pairs (z_j, g_j) and
+//       R(q, p) = sum_j (z_j(q).z_j(p)) * (g_j(q).g_j(p));
+//   dot mode: R(q, p) = sum over all columns q.p (combine = "sum"/"features").
+// Q is packed once per call into MR-row panels, P is packed per block of NB
+// items into NR-column panels; each segment of a panel is stored k-major
+// ([w_s][MR] resp. [w_s][NR]) so the micro-kernel broadcasts one query value
+// and multiplies it into NRV pool vectors.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+#include "kernel_api.hpp"
+
+namespace pyfk {
+namespace PYFK_ISA {
+namespace {  // internal linkage: each ISA file gets its own copy
+#include "topk_heap.hpp"
+}  // namespace
+
+constexpr int VW = PYFK_VW;
+constexpr int MR = PYFK_MR;
+constexpr int NRV = PYFK_NRV;
+constexpr int NR = NRV * VW;
+typedef float vf __attribute__((vector_size(VW * sizeof(float))));
+
+struct Tile {
+  vf v[MR][NRV];
+};
+
+static inline vf vsplat(float x) { return vf{} + x; }
+
+// acc[r][c] = sum_k a[k*MR + r] * b[k*NR + c]  over k < width.
+static inline void tile_dot(const float* __restrict a, const float* __restrict b,
+                            int64_t width, Tile& acc) {
+  vf c[MR][NRV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NRV; ++v) c[r][v] = vf{};
+  for (int64_t k = 0; k < width; ++k) {
+    vf bv[NRV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NRV; ++v) std::memcpy(&bv[v], b + k * NR + v * VW, sizeof(vf));
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const vf av = vsplat(a[k * MR + r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NRV; ++v) c[r][v] += av * bv[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NRV; ++v) acc.v[r][v] = c[r][v];
+}
+
+// Scores of one MR x NR micro-tile: queries panel `a`, pool panel `b`.
+static inline void tile_scores(const float* a, const float* b, const Layout& lay, Tile& out) {
+  if (!lay.product) {
+    tile_dot(a, b, lay.width, out);
+    return;
+  }
+  Tile gz, gg;
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NRV; ++v) out.v[r][v] = vf{};
+  for (size_t s = 0; s + 1 < lay.widths.size(); s += 2) {
+    const int64_t oz = lay.offsets[s], og = lay.offsets[s + 1];
+    tile_dot(a + MR * oz, b + NR * oz, lay.widths[s], gz);
+    tile_dot(a + MR * og, b + NR * og, lay.widths[s + 1], gg);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NRV; ++v) out.v[r][v] += gz.v[r][v] * gg.v[r][v];
+  }
+}
+
+// Pack rows [row0, row0 + rows) of a (n, D) matrix into one panel of `R` rows
+// (zero padded), each segment k-major: panel[R*off_s + k*R + r] = X[row0+r][off_s+k].
+template <int R>
+static void pack_panel(const float* x, int64_t ld, int64_t row0, int64_t rows,
+                       const Layout& lay, float* panel) {
+  for (size_t s = 0; s < lay.widths.size(); ++s) {
+    const int64_t off = lay.offsets[s], w = lay.widths[s];
+    float* dst = panel + R * off;
+    int64_t r = 0;
+    for (; r < rows; ++r) {
+      const float* src = x + (row0 + r) * ld + off;
+      for (int64_t k = 0; k < w; ++k) dst[k * R + r] = src[k];
+    }
+    for (; r < R; ++r)
+      for (int64_t k = 0; k < w; ++k) dst[k * R + r] = 0.0f;
+  }
+}
+
+static int64_t pool_block_items(int64_t width) {
+  // Keep a packed pool block near 384 KiB so it stays in a 1 MiB L2 beside
+  // the query panel streaming through; at least one panel, at most 2048 items.
+  int64_t nb = (384 * 1024) / (std::max<int64_t>(width, 1) * 4);
+  nb = std::max<int64_t>(NR, std::min<int64_t>(2048, nb / NR * NR));
+  return nb;
+}
+
+static std::vector<float> pack_queries(const float* q, int64_t m, const Layout& lay) {
+  const int64_t panels = (m + MR - 1) / MR;
+  std::vector<float> packed(static_cast<size_t>(panels * MR * lay.width));
+  for (int64_t i = 0; i < panels; ++i)
+    pack_panel<MR>(q, lay.width, i * MR, std::min<int64_t>(MR, m - i * MR), lay,
+                   packed.data() + i * MR * lay.width);
+  return packed;
+}
+
+// Run `body(t, begin, end)` over [0, n) split into `threads` contiguous ranges
+// whose bounds are multiples of `grain`. Threads other than the caller are
+// std::threads: no OpenMP runtime is loaded beside the one torch ships.
+template <class F>
+static void parallel_ranges(int64_t n, int64_t grain, int threads, F body) {
+  const int64_t chunks = (n + grain - 1) / grain;
+  int t_used = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, chunks)));
+  std::vector<int64_t> bounds(t_used + 1);
+  for (int t = 0; t <= t_used; ++t) bounds[t] = std::min<int64_t>(n, (chunks * t / t_used) * grain);
+  std::vector<std::thread> pool;
+  for (int t = 1; t < t_used; ++t) pool.emplace_back(body, t, bounds[t], bounds[t + 1]);
+  body(0, bounds[0], bounds[1]);
+  for (auto& th : pool) th.join();
+}
+
+void topk_update(const float* q, int64_t m, const float* p, int64_t n, const Layout& lay,
+                 int64_t k, int64_t index_offset, float* scores, int64_t* index, int threads) {
+  const std::vector<float> qpack = pack_queries(q, m, lay);
+  const int64_t qpanels = (m + MR - 1) / MR;
+  const int64_t nb_items = pool_block_items(lay.width);
+  const int64_t grain = std::max<int64_t>(NR, std::min<int64_t>(nb_items, 4 * NR));
+  const int64_t t_max = std::max<int64_t>(1, std::min<int64_t>(threads, (n + grain - 1) / grain));
+  std::vector<TopK> partial(t_max);
+  parallel_ranges(n, grain, static_cast<int>(t_max), [&](int t, int64_t p0, int64_t p1) {
+    TopK& heaps = partial[t];
+    heaps.init(m, k);
+    if (t == 0) heaps.seed(scores, index);
+    std::vector<float> bpack(static_cast<size_t>(((nb_items + NR - 1) / NR) * NR * lay.width));
+    alignas(64) float row[NR];
+    for (int64_t b0 = p0; b0 < p1; b0 += nb_items) {
+      const int64_t items = std::min<int64_t>(nb_items, p1 - b0);
+      const int64_t panels = (items + NR - 1) / NR;
+      for (int64_t c = 0; c < panels; ++c)
+        pack_panel<NR>(p, lay.width, b0 + c * NR, std::min<int64_t>(NR, items - c * NR), lay,
+                       bpack.data() + c * NR * lay.width);
+      for (int64_t i = 0; i < qpanels; ++i) {
+        const float* a = qpack.data() + i * MR * lay.width;
+        const int rows = static_cast<int>(std::min<int64_t>(MR, m - i * MR));
+        for (int64_t c = 0; c < panels; ++c) {
+          Tile out;
+          tile_scores(a, bpack.data() + c * NR * lay.width, lay, out);
+          const int cols = static_cast<int>(std::min<int64_t>(NR, items - c * NR));
+          const int64_t first = index_offset + b0 + c * NR;
+          for (int r = 0; r < rows; ++r) {
+            const int64_t qi = i * MR + r;
+            const float thr = heaps.threshold(qi);
+            // Cheap vector reject: most tiles hold nothing above the k-th best.
+            vf hi = out.v[r][0];
+#pragma GCC unroll 4
+            for (int v = 1; v < NRV; ++v) hi = hi > out.v[r][v] ? hi : out.v[r][v];
+            float best = hi[0];
+#pragma GCC unroll 16
+            for (int l = 1; l < VW; ++l) best = std::max(best, static_cast<float>(hi[l]));
+            if (best < thr) continue;
+#pragma GCC unroll 4
+            for (int v = 0; v < NRV; ++v) std::memcpy(row + v * VW, &out.v[r][v], sizeof(vf));
+            for (int col = 0; col < cols; ++col)
+              if (row[col] >= thr) heaps.push(qi, row[col], first + col);
+          }
+        }
+      }
+    }
+  });
+  merge_into(partial, m, k, scores, index);
+}
+
+void similarity(const float* q, int64_t m, const float* p, int64_t n, const Layout& lay,
+                float* out, int threads) {
+  const std::vector<float> qpack = pack_queries(q, m, lay);
+  const int64_t qpanels = (m + MR - 1) / MR;
+  const int64_t nb_items = pool_block_items(lay.width);
+  parallel_ranges(n, NR, threads, [&](int, int64_t p0, int64_t p1) {
+    std::vector<float> bpack(static_cast<size_t>(((nb_items + NR - 1) / NR) * NR * lay.width));
+    alignas(64) float row[NR];
+    for (int64_t b0 = p0; b0 < p1; b0 += nb_items) {
+      const int64_t items = std::min<int64_t>(nb_items, p1 - b0);
+      const int64_t panels = (items + NR - 1) / NR;
+      for (int64_t c = 0; c < panels; ++c)
+        pack_panel<NR>(p, lay.width, b0 + c * NR, std::min<int64_t>(NR, items - c * NR), lay,
+                       bpack.data() + c * NR * lay.width);
+      for (int64_t i = 0; i < qpanels; ++i) {
+        const int rows = static_cast<int>(std::min<int64_t>(MR, m - i * MR));
+        for (int64_t c = 0; c < panels; ++c) {
+          Tile t;
+          tile_scores(qpack.data() + i * MR * lay.width, bpack.data() + c * NR * lay.width, lay, t);
+          const int cols = static_cast<int>(std::min<int64_t>(NR, items - c * NR));
+          for (int r = 0; r < rows; ++r) {
+#pragma GCC unroll 4
+            for (int v = 0; v < NRV; ++v) std::memcpy(row + v * VW, &t.v[r][v], sizeof(vf));
+            std::memcpy(out + (i * MR + r) * n + b0 + c * NR, row, cols * sizeof(float));
+          }
+        }
+      }
+    }
+  });
+}
+
+extern const Kernels kernels = {&topk_update, &similarity, MR, NR, PYFK_ISA_NAME};
+
+}  // namespace PYFK_ISA
+}  // namespace pyfk
