@@ -1,0 +1,14 @@
+"""pyfk: kernel-accelerated acquisition engine for deep active learning.
+
+    q = pyfk.Descriptors(z=[Zq1, Zq2], g=[Gq1, Gq2])
+    p = pyfk.Descriptors(z=[Zp1, Zp2], g=[Gp1, Gp2])
+    scores, index = pyfk.topk(q, p, k=32)            # PFK product kernel, PCC-normalised
+    chosen = pyfk.select(pool=p, val=v, budget=125, val_labels=y, val_pred=y_hat)
+"""
+
+from pyfk._version import __version__
+from pyfk.api import select, similarity, topk
+from pyfk.backends import BackendUnavailable, backends
+from pyfk.descriptors import Descriptors
+
+__all__ = ["Descriptors", "topk", "similarity", "select", "backends", "BackendUnavailable", "__version__"]

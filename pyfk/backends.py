@@ -1,0 +1,113 @@
+"""Backend registry: one math, several engines.
+
+Each backend offers `topk_update` (merge one pool block into a running (M, k)
+state) and `similarity` (dense block) on normalised float32 torch tensors.
+`resolve("auto", device)` picks the fastest available backend for a device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from pyfk.kernels import cpu as _cpu
+from pyfk.kernels import reference as _reference
+
+log = logging.getLogger("pyfk")
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for by name but cannot run here; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: tuple[str, ...]
+    description: str
+    probe: Callable[[], str | None]  # None when available, else why not
+    topk_update: Callable | None = None
+    similarity: Callable | None = None
+
+    def unavailable_reason(self) -> str | None:
+        return self.probe()
+
+
+def _always() -> None:
+    return None
+
+
+def _probe_cpu() -> str | None:
+    return _cpu.IMPORT_ERROR
+
+
+def _planned(piece: str) -> Callable[[], str]:
+    def probe() -> str:
+        return f"not implemented in this version of pyfk ({piece})"
+    return probe
+
+
+def _probe_module(module: str, then: Callable[[], str]) -> Callable[[], str]:
+    def probe() -> str:
+        if importlib.util.find_spec(module) is None:
+            return f"the Python package '{module}' is not installed"
+        return then()
+    return probe
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+register(Backend("cpu", ("cpu",), "fused C++ kernel (AVX-512/AVX2/SSE2), running top-k, std::thread",
+                 _probe_cpu, _cpu.topk_update, _cpu.similarity))
+register(Backend("torch", ("cpu", "cuda"), "reference: chunked torch GEMMs + exact running top-k merge",
+                 _always, _reference.topk_update, _reference.similarity))
+register(Backend("triton", ("cuda",), "fused Triton Hadamard-Gram top-k",
+                 _probe_module("triton", _planned("Triton kernel: issue #4"))))
+register(Backend("cuda", ("cuda",), "CUDA k-selection kernels", _planned("CUDA sources: issue #4")))
+register(Backend("faiss", ("cpu", "cuda"), "exact search over explicit Kronecker features",
+                 _probe_module("faiss", _planned("faiss backend: issue #4"))))
+
+# Preference order for backend="auto", per device type.
+_AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
+
+
+def backends() -> list[dict]:
+    """Every backend with whether it can run here and, if not, why."""
+    rows = []
+    for b in _REGISTRY.values():
+        reason = b.unavailable_reason()
+        rows.append({"name": b.name, "available": reason is None, "devices": list(b.devices),
+                     "description": b.description, "reason": reason or ""})
+    return rows
+
+
+def resolve(name: str, device: torch.device) -> Backend:
+    """The backend called `name` (or the best one for `device` if "auto")."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend: expected a backend name string, got {type(name).__name__}")
+    dev = device.type
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(dev, ("torch",)):
+            b = _REGISTRY[candidate]
+            if b.unavailable_reason() is None:
+                log.info("pyfk: backend='auto' chose %r for %s tensors", b.name, dev)
+                return b
+        raise BackendUnavailable(f"backend: no backend available for {dev} tensors")
+    if name not in _REGISTRY:
+        raise ValueError(f"backend: expected 'auto' or one of {sorted(_REGISTRY)}, got {name!r}")
+    b = _REGISTRY[name]
+    reason = b.unavailable_reason()
+    if reason is not None:
+        raise BackendUnavailable(f"backend {name!r} is not available: {reason}")
+    if dev not in b.devices:
+        raise ValueError(f"backend {name!r} runs on {list(b.devices)} tensors, got tensors on {dev}")
+    return b

@@ -1,0 +1,200 @@
+"""Multi-scale descriptors (z_j, g_j) and their normalisation.
+
+A `Descriptors` holds, for n examples and S scales, feature matrices z_j and
+(optionally) gradient matrices g_j, each of shape (n, L_j). Arrays are kept as
+given (NumPy or torch, any float dtype); kernels receive normalised float32
+copies of row chunks, so a pool is never duplicated as a whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+COMBINES = ("product", "sum", "features")
+NORMALIZES = ("pcc", "l2", "none")
+EPS = 1e-10
+
+_NUMPY_FLOATS = (np.float16, np.float32, np.float64)
+_TORCH_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _describe(a) -> str:
+    return f"{type(a).__name__} of shape {tuple(getattr(a, 'shape', ()))} and dtype {getattr(a, 'dtype', '?')}"
+
+
+def _check_array(a, name: str):
+    if isinstance(a, np.ndarray):
+        if a.dtype.type not in _NUMPY_FLOATS:
+            raise TypeError(f"{name}: expected a float16/float32/float64 array, got dtype {a.dtype}")
+        kind = "numpy"
+    elif isinstance(a, torch.Tensor):
+        if a.dtype not in _TORCH_FLOATS:
+            raise TypeError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got dtype {a.dtype}")
+        kind = "torch"
+    else:
+        raise TypeError(f"{name}: expected a NumPy array or torch tensor, got {type(a).__name__}")
+    if a.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array (n, L), got {_describe(a)}")
+    if a.shape[1] < 1:
+        raise ValueError(f"{name}: expected at least one column, got {_describe(a)}")
+    return kind
+
+
+class Descriptors:
+    """Per-example multi-scale descriptors.
+
+    Args:
+        z: sequence of S arrays (n, L_j) -- pooled activations per scale (a single
+           2-D array is taken as one scale).
+        g: None or a sequence of S arrays (n, L_j) -- pooled loss gradients, same
+           widths as z. Needed for combine="product"/"sum".
+
+    All arrays are NumPy or all are torch tensors on one device; float16, float32,
+    float64 (and bfloat16 for torch) are accepted. Kernels compute in float32.
+    """
+
+    def __init__(self, z, g=None):
+        z = self._as_list(z, "z")
+        if not z:
+            raise ValueError("z: expected at least one scale, got an empty sequence")
+        g = None if g is None else self._as_list(g, "g")
+        kinds = {_check_array(a, f"z[{j}]") for j, a in enumerate(z)}
+        if g is not None:
+            if len(g) != len(z):
+                raise ValueError(f"g: expected {len(z)} scales to match z, got {len(g)}")
+            kinds |= {_check_array(a, f"g[{j}]") for j, a in enumerate(g)}
+        if len(kinds) != 1:
+            raise TypeError("z/g: expected all NumPy arrays or all torch tensors, got a mix")
+        self.kind = kinds.pop()
+        n = z[0].shape[0]
+        for name, arrays in (("z", z), ("g", g or [])):
+            for j, a in enumerate(arrays):
+                if a.shape[0] != n:
+                    raise ValueError(f"{name}[{j}]: expected {n} rows like z[0], got {a.shape[0]}")
+        if g is not None:
+            for j, (a, b) in enumerate(zip(z, g)):
+                if a.shape[1] != b.shape[1]:
+                    raise ValueError(f"g[{j}]: expected width {a.shape[1]} to match z[{j}], got {b.shape[1]}")
+        if self.kind == "torch":
+            devices = {a.device for a in z + (g or [])}
+            if len(devices) != 1:
+                raise ValueError(f"z/g: expected all tensors on one device, got {sorted(map(str, devices))}")
+            self.device = devices.pop()
+        else:
+            self.device = torch.device("cpu")
+        self.z = z
+        self.g = g
+
+    @staticmethod
+    def _as_list(x, name):
+        if isinstance(x, (np.ndarray, torch.Tensor)):
+            return [x]
+        if isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
+            return list(x)
+        raise TypeError(f"{name}: expected a sequence of 2-D arrays, got {type(x).__name__}")
+
+    @property
+    def n(self) -> int:
+        return int(self.z[0].shape[0])
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def widths(self) -> list[int]:
+        return [int(a.shape[1]) for a in self.z]
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.z)
+
+    @property
+    def has_g(self) -> bool:
+        return self.g is not None
+
+    def __repr__(self) -> str:
+        return (f"Descriptors(n={self.n}, widths={self.widths}, g={'yes' if self.has_g else 'no'}, "
+                f"kind={self.kind}, device={self.device})")
+
+    def take(self, rows) -> Descriptors:
+        """The descriptors of the given rows (an index array or a slice), same kind."""
+        def pick(a):
+            if isinstance(a, torch.Tensor) and not isinstance(rows, slice):
+                return a[torch.as_tensor(np.asarray(rows), device=a.device)]
+            return a[rows]
+        return Descriptors([pick(a) for a in self.z], None if self.g is None else [pick(a) for a in self.g])
+
+    def check_finite(self, name: str) -> None:
+        """Raise ValueError naming `name` and the scale if any value is NaN or Inf."""
+        for part, arrays in (("z", self.z), ("g", self.g or [])):
+            for j, a in enumerate(arrays):
+                ok = bool(torch.isfinite(a).all()) if isinstance(a, torch.Tensor) else bool(
+                    np.isfinite(a).all())
+                if not ok:
+                    raise ValueError(f"{name}: {part}[{j}] contains NaN or Inf values")
+
+
+def segments(desc: Descriptors, combine: str) -> tuple[list, list[int], bool]:
+    """The column segments the kernels see, their widths and whether they pair.
+
+    product: [z_1, g_1, z_2, g_2, ...], pairs multiplied;  sum: same columns,
+    one plain dot product;  features: [z_1, z_2, ...], one plain dot product.
+    """
+    if combine == "features":
+        return list(desc.z), list(desc.widths), False
+    parts, widths = [], []
+    for zj, gj in zip(desc.z, desc.g):
+        parts += [zj, gj]
+        widths += [zj.shape[1], gj.shape[1]]
+    return parts, widths, combine == "product"
+
+
+def _as_tensor(a, device) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
+    return t.to(device=device, non_blocking=True)
+
+
+def normalized_block(parts: list, rows, normalize: str, device=None) -> torch.Tensor:
+    """Normalise `rows` of every segment and concatenate them: (n_rows, D) float32.
+
+    pcc:  x <- (x - mean(x)) / (std(x) + 1e-10)  per row and segment (population std),
+          so a dot product of two segments is L_j times their Pearson correlation;
+    l2:   x <- x / (||x||_2 + 1e-10);   none: x unchanged.
+    `rows` is a slice or a sorted int64 index array; `device` defaults to the data's.
+    """
+    first = parts[0]
+    device = device or (first.device if isinstance(first, torch.Tensor) else torch.device("cpu"))
+    if isinstance(rows, slice):
+        n_rows = len(range(*rows.indices(first.shape[0])))
+    else:
+        n_rows = len(rows)
+    width = sum(int(p.shape[1]) for p in parts)
+    out = torch.empty((n_rows, width), dtype=torch.float32, device=device)
+    col = 0
+    index_t = None
+    for part in parts:
+        if isinstance(rows, slice):
+            block = part[rows]
+        elif isinstance(part, np.ndarray):
+            block = part[rows]
+        else:
+            if index_t is None or index_t.device != part.device:
+                index_t = torch.as_tensor(rows, device=part.device)
+            block = part.index_select(0, index_t)
+        x = _as_tensor(block, device).to(torch.float32)
+        w = x.shape[1]
+        dst = out[:, col:col + w]
+        if normalize == "pcc":
+            mean = x.mean(dim=1, keepdim=True)
+            torch.sub(x, mean, out=dst)
+            std = dst.square().mean(dim=1, keepdim=True).sqrt_().add_(EPS)
+            dst.div_(std)
+        elif normalize == "l2":
+            torch.div(x, x.norm(dim=1, keepdim=True).add_(EPS), out=dst)
+        else:
+            dst.copy_(x)
+        col += w
+    return out
