@@ -1,7 +1,7 @@
 """Public API: topk, similarity, select, backends (DESIGN.md section 8).
 
 A thin layer: it validates inputs, normalises the pool chunk by chunk and hands
-float32 blocks to a backend (pyfk.backends); only the kernels know devices.
+float32 blocks to a backend (pyfk.registry); only the kernels know devices.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import torch
 
-from pyfk.backends import resolve
+from pyfk.registry import resolve
 from pyfk.descriptors import COMBINES, NORMALIZES, Descriptors, normalized_block, segments
 
 # Pool rows normalised at once: bounds the float32 copy to ~256 MiB whatever N is.

@@ -1,0 +1,53 @@
+"""Float64 NumPy oracle, written independently of pyfk's kernels."""
+
+import numpy as np
+
+
+def normalize64(x, mode):
+    x = np.asarray(x, dtype=np.float64)
+    if mode == "pcc":
+        c = x - x.mean(axis=1, keepdims=True)
+        return c / (np.sqrt((c * c).mean(axis=1, keepdims=True)) + 1e-10)
+    if mode == "l2":
+        return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-10)
+    return x
+
+
+def similarity64(qz, qg, pz, pg, combine="product", normalize="pcc"):
+    """R (M, N) in float64 from lists of per-scale arrays."""
+    total = 0.0
+    for j in range(len(qz)):
+        zz = normalize64(qz[j], normalize) @ normalize64(pz[j], normalize).T
+        if combine == "features":
+            total = total + zz
+            continue
+        gg = normalize64(qg[j], normalize) @ normalize64(pg[j], normalize).T
+        total = total + (zz * gg if combine == "product" else zz + gg)
+    return total
+
+
+def topk64(S, k):
+    """Exact top-k per row: score descending, ties to the smaller column."""
+    cols = np.broadcast_to(np.arange(S.shape[1]), S.shape)
+    order = np.lexsort((cols, -S), axis=-1)[:, :k]
+    return np.take_along_axis(S, order, 1), order
+
+
+def assert_valid_topk(scores, index, S, k, tol):
+    """Tie-tolerant check of a top-k answer against the float64 matrix S.
+
+    Scores descend, indices are distinct and in range, each index's true score
+    equals the reported one, and the reported scores equal the true k best.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    index = np.asarray(index)
+    m, n = S.shape
+    assert scores.shape == (m, k) and index.shape == (m, k)
+    assert index.dtype == np.int64
+    assert ((index >= 0) & (index < n)).all(), "index out of range"
+    for row in index:
+        assert len(set(row.tolist())) == k, "indices within a row must be distinct"
+    assert (np.diff(scores, axis=1) <= tol).all(), "scores must be descending"
+    np.testing.assert_allclose(np.take_along_axis(S, index, 1), scores, rtol=0, atol=tol)
+    best, _ = topk64(S, k)
+    np.testing.assert_allclose(scores, best, rtol=0, atol=tol)
