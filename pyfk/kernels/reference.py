@@ -56,19 +56,33 @@ def merge_topk(scores_a, index_a, scores_b, index_b, k: int):
     return unpack_keys(top)
 
 
+def _block_topk(block: torch.Tensor, first: int, kk: int):
+    """Exact top-kk of one (M, T) score block as packed keys, ties to the smaller index.
+
+    Fast path: float topk, then only rows where more than kk scores reach the kk-th
+    value (a tie straddling the cut) are redone on int64 keys.
+    """
+    ids = torch.arange(first, first + block.shape[1], device=block.device)
+    vals, pos = block.topk(kk, dim=1, sorted=False)
+    keys = pack_keys(vals, pos + first)
+    straddle = (block >= vals.min(dim=1, keepdim=True).values).sum(dim=1) > kk
+    if bool(straddle.any()):
+        rows = straddle.nonzero().squeeze(1)
+        exact = pack_keys(block[rows], ids.expand(len(rows), -1)).topk(kk, dim=1).values
+        keys[rows] = exact
+    return keys
+
+
 def topk_update(q, p, widths, product, k, index_offset, scores, index):
     """Merge the top-k of q x p (pool rows numbered from index_offset) into the
     sorted (M, k) state (scores float32, index int64; -1 = empty). Returns the new state."""
     m, n = q.shape[0], p.shape[0]
     tile = max(k, _TILE_ELEMENTS.get(q.device.type, 1 << 24) // max(m, 1))
+    state = pack_keys(scores, index)
     for start in range(0, n, tile):
         stop = min(n, start + tile)
         block = similarity(q, p[start:stop], widths, product)
-        ids = torch.arange(index_offset + start, index_offset + stop, device=q.device)
-        keys = pack_keys(block, ids.expand(m, -1))
-        kk = min(k, stop - start)
-        cand = keys.topk(kk, dim=1, sorted=True).values
-        state = pack_keys(scores, index)
-        merged = torch.cat([state, cand], dim=1).topk(k, dim=1, sorted=True).values
-        scores, index = unpack_keys(merged)
+        cand = _block_topk(block, index_offset + start, min(k, stop - start))
+        state = torch.cat([state, cand], dim=1).topk(k, dim=1, sorted=True).values
+    scores, index = unpack_keys(state)
     return scores.contiguous(), index.contiguous()
