@@ -8,7 +8,7 @@
 
 from pyfk._version import __version__
 from pyfk.api import select, similarity, topk
-from pyfk.registry import BackendUnavailable, backends
 from pyfk.descriptors import Descriptors
+from pyfk.registry import BackendUnavailable, backends
 
 __all__ = ["Descriptors", "topk", "similarity", "select", "backends", "BackendUnavailable", "__version__"]

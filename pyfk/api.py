@@ -12,8 +12,8 @@ import warnings
 import numpy as np
 import torch
 
-from pyfk.registry import resolve
 from pyfk.descriptors import COMBINES, NORMALIZES, Descriptors, normalized_block, segments
+from pyfk.registry import resolve
 
 # Pool rows normalised at once: bounds the float32 copy to ~256 MiB whatever N is.
 _CHUNK_BYTES = 256 << 20

@@ -14,7 +14,7 @@ def rank_major_oracle(S, centres_rows, k, budget):
     best, order = topk64(S[centres_rows], k)
     seen, out = set(), []
     for r in range(k):
-        cands = sorted(((-best[c, r], order[c, r], c) for c in range(len(centres_rows))))
+        cands = sorted((-best[c, r], order[c, r], c) for c in range(len(centres_rows)))
         for _, idx, _ in cands:
             if idx not in seen:
                 seen.add(idx)
@@ -90,8 +90,8 @@ def k_centre_oracle(R, count, start):
 
 def test_k_centre_matches_brute_force(backend):
     from pyfk.api import k_centre
-    from pyfk.registry import resolve
     from pyfk.descriptors import normalized_block, segments
+    from pyfk.registry import resolve
 
     rng = np.random.default_rng()
     vz, vg = make_arrays(rng, 60, [3, 4], integer=True)
