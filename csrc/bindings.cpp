@@ -65,48 +65,110 @@ int thread_count(int threads) {
   return hc ? static_cast<int>(hc) : 1;
 }
 
-void check_matrix(const farray& a, const char* name, int64_t width) {
-  if (a.ndim() != 2 || a.shape(1) != width)
-    throw std::invalid_argument(std::string(name) + ": expected a (rows, " + std::to_string(width) +
+void check_queries(const farray& q, int64_t width) {
+  if (q.ndim() != 2 || q.shape(1) != width)
+    throw std::invalid_argument("queries: expected a (M, " + std::to_string(width) +
                                 ") float32 C-contiguous array");
 }
 
-void topk_update(const farray& queries, const farray& pool, const std::vector<int64_t>& widths,
-                 bool product, int64_t index_offset, farray scores, iarray index, int threads,
-                 const std::string& isa) {
-  const Layout lay = make_layout(widths, product);
-  check_matrix(queries, "queries", lay.width);
-  check_matrix(pool, "pool", lay.width);
-  const int64_t m = queries.shape(0), n = pool.shape(0);
+pyfk::Normalize parse_normalize(const std::string& mode) {
+  if (mode == "none") return pyfk::Normalize::none;
+  if (mode == "pcc") return pyfk::Normalize::pcc;
+  if (mode == "l2") return pyfk::Normalize::l2;
+  throw std::invalid_argument("normalize: expected 'pcc', 'l2' or 'none', got '" + mode + "'");
+}
+
+// Pool segments: 2-D float32/float16 arrays with unit column stride (row stride
+// free, so column slices of one matrix work), all with the same row count.
+struct PoolArgs {
+  pyfk::PoolView view;
+  std::vector<int64_t> widths;
+  std::vector<py::array> keep;  // hold references while the kernel runs
+};
+
+PoolArgs pool_args(const py::list& segments, const py::object& rows, const std::string& normalize) {
+  PoolArgs out;
+  int64_t n_rows = -1;
+  for (size_t s = 0; s < segments.size(); ++s) {
+    const std::string name = "pool segment " + std::to_string(s);
+    if (!py::isinstance<py::array>(segments[s]))
+      throw std::invalid_argument(name + ": expected a NumPy array");
+    py::array a = py::reinterpret_borrow<py::array>(segments[s]);
+    if (a.ndim() != 2) throw std::invalid_argument(name + ": expected a 2-D array");
+    pyfk::Segment seg;
+    if (a.dtype().is(py::dtype::of<float>())) {
+      seg.dtype = pyfk::DType::f32;
+    } else if (a.dtype().kind() == 'f' && a.dtype().itemsize() == 2) {
+      seg.dtype = pyfk::DType::f16;
+    } else {
+      throw std::invalid_argument(name + ": expected float32 or float16, got " +
+                                  std::string(py::str(a.dtype())));
+    }
+    const int64_t item = a.itemsize();
+    if (a.shape(1) > 1 && a.strides(1) != item)
+      throw std::invalid_argument(name + ": expected unit column stride");
+    if (a.strides(0) % item || a.strides(0) < 0)
+      throw std::invalid_argument(name + ": expected a positive row stride in whole elements");
+    if (n_rows >= 0 && a.shape(0) != n_rows)
+      throw std::invalid_argument(name + ": expected " + std::to_string(n_rows) + " rows");
+    n_rows = a.shape(0);
+    seg.data = a.data();
+    seg.ld = a.strides(0) / item;
+    out.view.segs.push_back(seg);
+    out.widths.push_back(a.shape(1));
+    out.keep.push_back(a);
+  }
+  out.view.normalize = parse_normalize(normalize);
+  out.view.n = n_rows < 0 ? 0 : n_rows;
+  if (!rows.is_none()) {
+    iarray r = rows.cast<iarray>();
+    if (r.ndim() != 1) throw std::invalid_argument("rows: expected a 1-D int64 array");
+    const int64_t* p = r.data();
+    for (int64_t i = 0; i < r.shape(0); ++i)
+      if (p[i] < 0 || p[i] >= n_rows) throw std::invalid_argument("rows: index out of range");
+    out.view.rows = p;
+    out.view.n = r.shape(0);
+    out.keep.push_back(r);
+  }
+  return out;
+}
+
+void topk_update(const farray& queries, const py::list& pool, const py::object& rows,
+                 const std::string& normalize, bool product, int64_t index_offset, farray scores,
+                 iarray index, int threads, const std::string& isa) {
+  PoolArgs args = pool_args(pool, rows, normalize);
+  const Layout lay = make_layout(args.widths, product);
+  check_queries(queries, lay.width);
+  const int64_t m = queries.shape(0);
   if (scores.ndim() != 2 || scores.shape(0) != m || index.ndim() != 2 || index.shape(0) != m ||
       index.shape(1) != scores.shape(1) || scores.shape(1) < 1)
     throw std::invalid_argument("scores/index: expected (M, k) float32 / int64 state arrays");
   const int64_t k = scores.shape(1);
   const Kernels& kern = pick(isa);
   const float* q = queries.data();
-  const float* p = pool.data();
   float* s = scores.mutable_data();
   int64_t* ix = index.mutable_data();
   const int t = thread_count(threads);
+  if (args.view.n == 0) return;
   py::gil_scoped_release release;
-  kern.topk_update(q, m, p, n, lay, k, index_offset, s, ix, t);
+  kern.topk_update(q, m, args.view, lay, k, index_offset, s, ix, t);
 }
 
-void similarity(const farray& queries, const farray& pool, const std::vector<int64_t>& widths,
+void similarity(const farray& queries, const py::list& pool, const std::string& normalize,
                 bool product, farray out, int threads, const std::string& isa) {
-  const Layout lay = make_layout(widths, product);
-  check_matrix(queries, "queries", lay.width);
-  check_matrix(pool, "pool", lay.width);
-  const int64_t m = queries.shape(0), n = pool.shape(0);
+  PoolArgs args = pool_args(pool, py::none(), normalize);
+  const Layout lay = make_layout(args.widths, product);
+  check_queries(queries, lay.width);
+  const int64_t m = queries.shape(0), n = args.view.n;
   if (out.ndim() != 2 || out.shape(0) != m || out.shape(1) != n)
     throw std::invalid_argument("out: expected an (M, N) float32 array");
   const Kernels& kern = pick(isa);
   const float* q = queries.data();
-  const float* p = pool.data();
   float* o = out.mutable_data();
   const int t = thread_count(threads);
+  if (n == 0) return;
   py::gil_scoped_release release;
-  kern.similarity(q, m, p, n, lay, o, t);
+  kern.similarity(q, m, args.view, lay, o, t);
 }
 
 py::list isas() {
@@ -120,13 +182,15 @@ py::list isas() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyfk fused CPU kernels (C++17, std::thread, AVX-512/AVX2/SSE2 variants)";
-  m.def("topk_update", &topk_update, py::arg("queries"), py::arg("pool"), py::arg("widths"),
-        py::arg("product"), py::arg("index_offset"), py::arg("scores"), py::arg("index"),
-        py::arg("threads") = 0, py::arg("isa") = "auto",
-        "Merge the top-k of queries x pool into the sorted (M, k) state arrays in place.");
-  m.def("similarity", &similarity, py::arg("queries"), py::arg("pool"), py::arg("widths"),
-        py::arg("product"), py::arg("out"), py::arg("threads") = 0, py::arg("isa") = "auto",
-        "Dense (M, N) similarity into `out` (small inputs only).");
+  m.def("topk_update", &topk_update, py::arg("queries"), py::arg("pool"), py::arg("rows"),
+        py::arg("normalize"), py::arg("product"), py::arg("index_offset"), py::arg("scores").noconvert(),
+        py::arg("index").noconvert(), py::arg("threads") = 0, py::arg("isa") = "auto",
+        "Merge the top-k of normalised queries (M, D) x pool segments into the sorted (M, k)\n"
+        "state arrays in place; pool rows are gathered (rows), converted and normalised\n"
+        "while packed. Result index = index_offset + pool position.");
+  m.def("similarity", &similarity, py::arg("queries"), py::arg("pool"), py::arg("normalize"),
+        py::arg("product"), py::arg("out").noconvert(), py::arg("threads") = 0, py::arg("isa") = "auto",
+        "Dense (M, N) similarity of normalised queries x pool segments into `out`.");
   m.def("isas", &isas, "Instruction sets this CPU can run, fastest first.");
   m.def("isa_default", []() { return std::string(pick("auto").isa); });
 }

@@ -7,16 +7,18 @@ float32 blocks to a backend (pyfk.registry); only the kernels know devices.
 from __future__ import annotations
 
 import numbers
+import sys
 import warnings
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from pyfk.descriptors import COMBINES, NORMALIZES, Descriptors, normalized_block, segments
 from pyfk.registry import resolve
 
-# Pool rows normalised at once: bounds the float32 copy to ~256 MiB whatever N is.
-_CHUNK_BYTES = 256 << 20
+# Show a progress bar (when stderr is a terminal) for searches above this many flops.
+_PROGRESS_FLOPS = 2e12
 
 
 # ----------------------------------------------------------------------------- validation
@@ -88,11 +90,13 @@ def _out(t: torch.Tensor, like: Descriptors):
 
 # ----------------------------------------------------------------------------- engine
 
-def _chunk_rows(width: int) -> int:
-    return max(1024, _CHUNK_BYTES // (4 * max(width, 1)))
+def _show_progress(progress, flops: float) -> bool:
+    if progress is None:
+        return flops > _PROGRESS_FLOPS and sys.stderr.isatty()
+    return bool(progress)
 
 
-def _topk_rows(queries, pool, k, combine, normalize, backend, rows, chunk_rows=None):
+def _topk_rows(queries, pool, k, combine, normalize, backend, rows, progress=None):
     """Top-k over the pool rows `rows` (sorted int64 array or None for all).
 
     Returns torch (scores, positions) where positions index into `rows`.
@@ -101,22 +105,25 @@ def _topk_rows(queries, pool, k, combine, normalize, backend, rows, chunk_rows=N
     q_parts, widths, product = segments(queries, combine)
     p_parts, _, _ = segments(pool, combine)
     q = normalized_block(q_parts, slice(None), normalize)
-    m = q.shape[0]
+    m, width = q.shape
     total = pool.n if rows is None else len(rows)
-    device = q.device
-    scores = torch.full((m, k), float("-inf"), dtype=torch.float32, device=device)
-    index = torch.full((m, k), -1, dtype=torch.int64, device=device)
-    step = chunk_rows or _chunk_rows(sum(widths))
-    for start in range(0, total, step):
-        stop = min(total, start + step)
-        sel = slice(start, stop) if rows is None else rows[start:stop]
-        p = normalized_block(p_parts, sel, normalize, device=device)
-        scores, index = b.topk_update(q, p, widths, product, k, start, scores, index)
+    scores = torch.full((m, k), float("-inf"), dtype=torch.float32, device=q.device)
+    index = torch.full((m, k), -1, dtype=torch.int64, device=q.device)
+    step = b.chunk_rows(m, width)
+    flops = 2.0 * m * total * width
+    bar = tqdm(total=total, unit="rows", unit_scale=True, desc=f"pyfk.topk [{b.name}]",
+               disable=not _show_progress(progress, flops))
+    with bar:
+        for start in range(0, total, step):
+            stop = min(total, start + step)
+            sel = slice(start, stop) if rows is None else rows[start:stop]
+            scores, index = b.topk_update(q, p_parts, sel, normalize, widths, product, k, start, scores, index)
+            bar.update(stop - start)
     return scores, index
 
 
 def topk(queries: Descriptors, pool: Descriptors, k: int = 32, combine: str = "product",
-         normalize: str = "pcc", backend: str = "auto", *, exclude=None):
+         normalize: str = "pcc", backend: str = "auto", *, exclude=None, progress=None):
     """Top-k pool items for every query under the PFK similarity.
 
     R(q, p) = sum_j (z_j(q).z_j(p)) * (g_j(q).g_j(p))   combine="product"
@@ -129,10 +136,13 @@ def topk(queries: Descriptors, pool: Descriptors, k: int = 32, combine: str = "p
         k: neighbours per query, 1 <= k <= N (minus excluded rows).
         exclude: optional pool indices to leave out (e.g. already labeled).
         backend: "auto", "cpu", "torch", ... (see `pyfk.backends()`).
+        progress: show a tqdm bar; None = only for long searches on a terminal.
     Returns:
         scores (M, k) float32, descending; index (M, k) int64 pool indices, ties to
         the smaller index. NumPy in -> NumPy out; torch in -> torch on the input device.
-    The M x N score matrix is never held: memory is O((M + chunk) * D + M * k).
+    The M x N score matrix is never held: memory is O(M * D + M * k) beyond the
+    inputs for the `cpu` backend (which normalises pool rows as it packs them), plus
+    a ~256 MiB normalised chunk for `torch`.
     """
     _check_descriptors(queries, "queries")
     _check_descriptors(pool, "pool")
@@ -150,7 +160,7 @@ def topk(queries: Descriptors, pool: Descriptors, k: int = 32, combine: str = "p
     k = _check_int(k, "k", 1, available, f" (the {'available ' if rows is not None else ''}pool size)")
     queries.check_finite("queries")
     pool.check_finite("pool")
-    scores, pos = _topk_rows(queries, pool, k, combine, normalize, backend, rows)
+    scores, pos = _topk_rows(queries, pool, k, combine, normalize, backend, rows, progress)
     if rows is not None:
         pos = torch.from_numpy(rows).to(pos.device)[pos]
     return _out(scores, queries), _out(pos, queries)
@@ -233,7 +243,7 @@ def rank_major(scores: np.ndarray, index: np.ndarray, budget: int) -> tuple[np.n
 
 def select(pool: Descriptors, val: Descriptors, budget: int, val_labels=None, val_pred=None, k: int = 32,
            combine: str = "product", normalize: str = "pcc", seed: int = 0, exclude=None,
-           backend: str = "auto", *, use_all: bool = False, return_details: bool = False):
+           backend: str = "auto", *, use_all: bool = False, return_details: bool = False, progress=None):
     """The PFK acquisition (Gudovskiy et al., CVPR 2020), as in DESIGN.md section 1.
 
     1. queries = validation rows with val_pred != val_labels (all rows if use_all, or
@@ -286,7 +296,7 @@ def select(pool: Descriptors, val: Descriptors, budget: int, val_labels=None, va
     search_rows = None if available == pool.n else rows
     kk = k
     while True:
-        scores, pos = _topk_rows(centre_desc, pool, kk, combine, normalize, backend, search_rows)
+        scores, pos = _topk_rows(centre_desc, pool, kk, combine, normalize, backend, search_rows, progress)
         s_np, p_np = scores.cpu().numpy(), pos.cpu().numpy()
         picked, where = rank_major(s_np, p_np, budget)
         if len(picked) == budget or kk == available:

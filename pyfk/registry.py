@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from pyfk.descriptors import normalized_block
 from pyfk.kernels import cpu as _cpu
 from pyfk.kernels import reference as _reference
 
@@ -26,12 +27,23 @@ class BackendUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Backend:
+    """A search engine. Its callables:
+
+    topk_update(q, parts, sel, normalize, widths, product, k, offset, scores, index)
+        -> (scores, index): merge the top-k of normalised queries q (M, D) float32
+        against pool rows `sel` (slice or sorted positions) of the raw per-segment
+        arrays `parts` into the sorted (M, k) state; result index = offset + position.
+    similarity(q, p, widths, product) -> (M, N): both sides normalised.
+    chunk_rows(m, width) -> pool rows per topk_update call.
+    """
+
     name: str
     devices: tuple[str, ...]
     description: str
     probe: Callable[[], str | None]  # None when available, else why not
     topk_update: Callable | None = None
     similarity: Callable | None = None
+    chunk_rows: Callable[[int, int], int] | None = None
 
     def unavailable_reason(self) -> str | None:
         return self.probe()
@@ -66,10 +78,19 @@ def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
+def _torch_topk_update(q, parts, sel, normalize, widths, product, k, offset, scores, index):
+    p = normalized_block(parts, sel, normalize, device=q.device)
+    return _reference.topk_update(q, p, widths, product, k, offset, scores, index)
+
+
+def _torch_chunk_rows(m: int, width: int) -> int:
+    return max(1024, (256 << 20) // (4 * max(width, 1)))  # a ~256 MiB normalised float32 copy
+
+
 register(Backend("cpu", ("cpu",), "fused C++ kernel (AVX-512/AVX2/SSE2), running top-k, std::thread",
-                 _probe_cpu, _cpu.topk_update, _cpu.similarity))
+                 _probe_cpu, _cpu.topk_update, _cpu.similarity, _cpu.chunk_rows))
 register(Backend("torch", ("cpu", "cuda"), "reference: chunked torch GEMMs + exact running top-k merge",
-                 _always, _reference.topk_update, _reference.similarity))
+                 _always, _torch_topk_update, _reference.similarity, _torch_chunk_rows))
 register(Backend("triton", ("cuda",), "fused Triton Hadamard-Gram top-k",
                  _probe_module("triton", _planned("Triton kernel: issue #4"))))
 register(Backend("cuda", ("cuda",), "CUDA k-selection kernels", _planned("CUDA sources: issue #4")))

@@ -4,12 +4,14 @@ The computation is written once (`run_case`) and run through each backend,
 over combine x normalize x dtype x shapes, on fresh random inputs.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 import pyfk
-from pyfk import api
+from pyfk import registry
 from tests.conftest import as_float64, make_arrays, make_descriptors
 from tests.oracle import assert_valid_topk, normalize64, similarity64, topk64
 
@@ -138,8 +140,9 @@ def test_adversarial_orders(backend, order):
 
 
 def test_chunked_pool_and_exclude(backend, monkeypatch):
-    """Many normalisation chunks (running state merged across calls) and excluded rows."""
-    monkeypatch.setattr(api, "_CHUNK_BYTES", 4096)  # -> 1024-row chunks
+    """Many pool chunks (running state merged across calls) and excluded rows."""
+    b = registry._REGISTRY[backend]
+    monkeypatch.setitem(registry._REGISTRY, backend, dataclasses.replace(b, chunk_rows=lambda m, w: 1000))
     rng = np.random.default_rng()
     qz, qg = make_arrays(rng, 7, [5, 11])
     pz, pg = make_arrays(rng, 4500, [5, 11])
@@ -162,10 +165,12 @@ def test_cpu_thread_split_is_exact(threads):
     q = torch.from_numpy(rng.standard_normal((23, 24)).astype(np.float32))
     p = torch.from_numpy(rng.standard_normal((9000, 24)).astype(np.float32))
     widths, k = [8, 8, 4, 4], 20
+    parts = [p[:, 0:8], p[:, 8:16], p[:, 16:20], p[:, 20:24]]  # strided column views
     s0 = torch.full((23, k), float("-inf"))
     i0 = torch.full((23, k), -1, dtype=torch.int64)
     ref_s, ref_i = pyfk.kernels.reference.topk_update(q, p, widths, True, k, 0, s0.clone(), i0.clone())
-    s, i = cpu_kernels.topk_update(q, p, widths, True, k, 0, s0.clone(), i0.clone(), threads=threads)
+    s, i = cpu_kernels.topk_update(q, parts, slice(None), "none", widths, True, k, 0, s0.clone(), i0.clone(),
+                                   threads=threads)
     np.testing.assert_allclose(s.numpy(), ref_s.numpy(), rtol=1e-5, atol=1e-4)
     # identical scores => identical indices (ties resolve the same way)
     same = s.numpy() == ref_s.numpy()
@@ -179,12 +184,18 @@ def test_index_offset_and_seeded_state(backend):
     b = resolve(backend, torch.device("cpu"))
     rng = np.random.default_rng()
     q = torch.from_numpy(rng.standard_normal((5, 12)).astype(np.float32))
-    p = torch.from_numpy(rng.standard_normal((800, 12)).astype(np.float32))
+    parts = [rng.standard_normal((800, 6)).astype(np.float32) for _ in range(2)]
     widths, k = [6, 6], 30
     empty = (torch.full((5, k), float("-inf")), torch.full((5, k), -1, dtype=torch.int64))
-    whole = b.topk_update(q, p, widths, True, k, 0, *[t.clone() for t in empty])
-    half = b.topk_update(q, p[:333], widths, True, k, 0, *[t.clone() for t in empty])
-    both = b.topk_update(q, p[333:], widths, True, k, 333, *half)
+    args = ("pcc", widths, True, k)
+    whole = b.topk_update(q, parts, slice(None), *args, 0, *[t.clone() for t in empty])
+    half = b.topk_update(q, parts, slice(0, 333), *args, 0, *[t.clone() for t in empty])
+    both = b.topk_update(q, parts, slice(333, 800), *args, 333, *half)
+    rows = np.arange(800)[::-1].copy()  # a row list: positions map to rows 799, 798, ...
+    flipped = b.topk_update(q, parts, rows, *args, 0, *[t.clone() for t in empty])
+    np.testing.assert_allclose(flipped[0].numpy(), whole[0].numpy(), rtol=1e-5, atol=1e-4)
+    same = flipped[0].numpy() == whole[0].numpy()
+    assert (799 - flipped[1].numpy()[same] == whole[1].numpy()[same]).all()
     # GEMM blocking may change the last bits between block shapes: compare scores
     # with a tolerance and indices wherever the scores came out identical.
     np.testing.assert_allclose(both[0].numpy(), whole[0].numpy(), rtol=1e-5, atol=1e-4)

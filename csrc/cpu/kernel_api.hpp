@@ -14,10 +14,30 @@ struct Layout {
   bool product = true;           // pairs (z_j, g_j) multiplied, else plain dot
 };
 
-using TopkFn = void (*)(const float* q, int64_t m, const float* p, int64_t n, const Layout& lay,
+enum class DType : int { f32 = 0, f16 = 1 };
+enum class Normalize : int { none = 0, pcc = 1, l2 = 2 };
+
+// One pool segment: row i, column c of the segment is data[(i * ld + c)] (in elements).
+struct Segment {
+  const void* data = nullptr;
+  int64_t ld = 0;
+  DType dtype = DType::f32;
+};
+
+// The pool as the kernels read it: raw segments (z_1, g_1, ... as given by the
+// user, float32 or float16, any row stride), optionally a row list (pool row of
+// position i is rows[i]), normalised per row and segment while being packed.
+struct PoolView {
+  std::vector<Segment> segs;
+  const int64_t* rows = nullptr;  // null: position i is row i
+  int64_t n = 0;                  // positions
+  Normalize normalize = Normalize::none;
+};
+
+using TopkFn = void (*)(const float* q, int64_t m, const PoolView& pool, const Layout& lay,
                         int64_t k, int64_t index_offset, float* scores, int64_t* index,
                         int threads);
-using SimilarityFn = void (*)(const float* q, int64_t m, const float* p, int64_t n,
+using SimilarityFn = void (*)(const float* q, int64_t m, const PoolView& pool,
                               const Layout& lay, float* out, int threads);
 
 struct Kernels {

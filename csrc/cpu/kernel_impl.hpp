@@ -90,8 +90,8 @@ static inline void tile_scores(const float* a, const float* b, const Layout& lay
   }
 }
 
-// Pack rows [row0, row0 + rows) of a (n, D) matrix into one panel of `R` rows
-// (zero padded), each segment k-major: panel[R*off_s + k*R + r] = X[row0+r][off_s+k].
+// Pack rows [row0, row0 + rows) of a (n, D) float32 matrix into one panel of
+// `R` rows (zero padded), each segment k-major: panel[R*off_s + k*R + r] = X[row0+r][off_s+k].
 template <int R>
 static void pack_panel(const float* x, int64_t ld, int64_t row0, int64_t rows,
                        const Layout& lay, float* panel) {
@@ -105,6 +105,74 @@ static void pack_panel(const float* x, int64_t ld, int64_t row0, int64_t rows,
     }
     for (; r < R; ++r)
       for (int64_t k = 0; k < w; ++k) dst[k * R + r] = 0.0f;
+  }
+}
+
+static inline float half_to_float(uint16_t h) {
+  // IEEE binary16 -> binary32, exact (subnormals, inf and NaN included).
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;
+  } else {  // subnormal: renormalise
+    int e = -1;
+    do { ++e; mant <<= 1; } while (!(mant & 0x400u));
+    bits = sign | ((112 - e) << 23) | ((mant & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Normalise one row segment in place (same formulas as pyfk.descriptors):
+// pcc: (x - mean) / (population std + 1e-10);  l2: x / (||x|| + 1e-10).
+static inline void normalize_row(float* x, int64_t w, Normalize mode) {
+  if (mode == Normalize::none) return;
+  double sum = 0.0;
+  if (mode == Normalize::pcc) {
+    for (int64_t k = 0; k < w; ++k) sum += x[k];
+    const float mean = static_cast<float>(sum / static_cast<double>(w));
+    double sq = 0.0;
+    for (int64_t k = 0; k < w; ++k) {
+      x[k] -= mean;
+      sq += static_cast<double>(x[k]) * x[k];
+    }
+    const float scale = static_cast<float>(1.0 / (std::sqrt(sq / static_cast<double>(w)) + 1e-10));
+    for (int64_t k = 0; k < w; ++k) x[k] *= scale;
+  } else {
+    for (int64_t k = 0; k < w; ++k) sum += static_cast<double>(x[k]) * x[k];
+    const float scale = static_cast<float>(1.0 / (std::sqrt(sum) + 1e-10));
+    for (int64_t k = 0; k < w; ++k) x[k] *= scale;
+  }
+}
+
+// Pack pool positions [pos0, pos0 + count) into one NR-column panel: gather the
+// row, convert to float32, normalise each segment, store k-major; zero padded.
+static void pack_pool_panel(const PoolView& pool, int64_t pos0, int64_t count, const Layout& lay,
+                            float* panel, std::vector<float>& tmp) {
+  for (size_t s = 0; s < lay.widths.size(); ++s) {
+    const Segment& seg = pool.segs[s];
+    const int64_t off = lay.offsets[s], w = lay.widths[s];
+    float* dst = panel + NR * off;
+    int64_t r = 0;
+    for (; r < count; ++r) {
+      const int64_t row = pool.rows ? pool.rows[pos0 + r] : pos0 + r;
+      float* x = tmp.data();
+      if (seg.dtype == DType::f32) {
+        std::memcpy(x, static_cast<const float*>(seg.data) + row * seg.ld, w * sizeof(float));
+      } else {
+        const uint16_t* src = static_cast<const uint16_t*>(seg.data) + row * seg.ld;
+        for (int64_t k = 0; k < w; ++k) x[k] = half_to_float(src[k]);
+      }
+      normalize_row(x, w, pool.normalize);
+      for (int64_t k = 0; k < w; ++k) dst[k * NR + r] = x[k];
+    }
+    for (; r < NR; ++r)
+      for (int64_t k = 0; k < w; ++k) dst[k * NR + r] = 0.0f;
   }
 }
 
@@ -140,8 +208,10 @@ static void parallel_ranges(int64_t n, int64_t grain, int threads, F body) {
   for (auto& th : pool) th.join();
 }
 
-void topk_update(const float* q, int64_t m, const float* p, int64_t n, const Layout& lay,
+void topk_update(const float* q, int64_t m, const PoolView& pool, const Layout& lay,
                  int64_t k, int64_t index_offset, float* scores, int64_t* index, int threads) {
+  const int64_t n = pool.n;
+  const int64_t max_w = *std::max_element(lay.widths.begin(), lay.widths.end());
   const std::vector<float> qpack = pack_queries(q, m, lay);
   const int64_t qpanels = (m + MR - 1) / MR;
   const int64_t nb_items = pool_block_items(lay.width);
@@ -153,13 +223,14 @@ void topk_update(const float* q, int64_t m, const float* p, int64_t n, const Lay
     heaps.init(m, k);
     if (t == 0) heaps.seed(scores, index);
     std::vector<float> bpack(static_cast<size_t>(((nb_items + NR - 1) / NR) * NR * lay.width));
+    std::vector<float> tmp(static_cast<size_t>(max_w));
     alignas(64) float row[NR];
     for (int64_t b0 = p0; b0 < p1; b0 += nb_items) {
       const int64_t items = std::min<int64_t>(nb_items, p1 - b0);
       const int64_t panels = (items + NR - 1) / NR;
       for (int64_t c = 0; c < panels; ++c)
-        pack_panel<NR>(p, lay.width, b0 + c * NR, std::min<int64_t>(NR, items - c * NR), lay,
-                       bpack.data() + c * NR * lay.width);
+        pack_pool_panel(pool, b0 + c * NR, std::min<int64_t>(NR, items - c * NR), lay,
+                        bpack.data() + c * NR * lay.width, tmp);
       for (int64_t i = 0; i < qpanels; ++i) {
         const float* a = qpack.data() + i * MR * lay.width;
         const int rows = static_cast<int>(std::min<int64_t>(MR, m - i * MR));
@@ -191,20 +262,23 @@ void topk_update(const float* q, int64_t m, const float* p, int64_t n, const Lay
   merge_into(partial, m, k, scores, index);
 }
 
-void similarity(const float* q, int64_t m, const float* p, int64_t n, const Layout& lay,
+void similarity(const float* q, int64_t m, const PoolView& pool, const Layout& lay,
                 float* out, int threads) {
+  const int64_t n = pool.n;
+  const int64_t max_w = *std::max_element(lay.widths.begin(), lay.widths.end());
   const std::vector<float> qpack = pack_queries(q, m, lay);
   const int64_t qpanels = (m + MR - 1) / MR;
   const int64_t nb_items = pool_block_items(lay.width);
   parallel_ranges(n, NR, threads, [&](int, int64_t p0, int64_t p1) {
     std::vector<float> bpack(static_cast<size_t>(((nb_items + NR - 1) / NR) * NR * lay.width));
+    std::vector<float> tmp(static_cast<size_t>(max_w));
     alignas(64) float row[NR];
     for (int64_t b0 = p0; b0 < p1; b0 += nb_items) {
       const int64_t items = std::min<int64_t>(nb_items, p1 - b0);
       const int64_t panels = (items + NR - 1) / NR;
       for (int64_t c = 0; c < panels; ++c)
-        pack_panel<NR>(p, lay.width, b0 + c * NR, std::min<int64_t>(NR, items - c * NR), lay,
-                       bpack.data() + c * NR * lay.width);
+        pack_pool_panel(pool, b0 + c * NR, std::min<int64_t>(NR, items - c * NR), lay,
+                        bpack.data() + c * NR * lay.width, tmp);
       for (int64_t i = 0; i < qpanels; ++i) {
         const int rows = static_cast<int>(std::min<int64_t>(MR, m - i * MR));
         for (int64_t c = 0; c < panels; ++c) {

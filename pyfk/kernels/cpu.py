@@ -1,4 +1,11 @@
-"""Launcher for the fused C++ CPU kernels in `pyfk._C` (csrc/cpu)."""
+"""Launcher for the fused C++ CPU kernels in `pyfk._C` (csrc/cpu).
+
+Queries arrive normalised (M, D) float32; the pool arrives raw -- the user's own
+per-scale arrays, float32 or float16, with a row slice or a row list -- and the
+kernel gathers, converts and normalises rows while packing them, so the pool is
+never copied. Other dtypes (float64, bfloat16) or strided columns are converted
+one chunk at a time here.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +21,12 @@ except ImportError as exc:  # the package still imports; backends() says why
     _C = None
     IMPORT_ERROR = f"the C++ extension pyfk._C is not built or failed to load ({exc})"
 
-
 # Instruction set used when a call does not name one: "auto" picks the best the
 # CPU runs; tests set "avx2"/"generic" to exercise every variant on one machine.
 DEFAULT_ISA = os.environ.get("PYFK_CPU_ISA", "auto")
+
+_NATIVE = (np.float32, np.float16)
+_CALL_FLOPS = 1 << 36  # pool rows per call: ~0.1-0.5 s of work, so Ctrl-C and progress stay live
 
 
 def isa() -> str:
@@ -32,15 +41,55 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-def topk_update(q, p, widths, product, k, index_offset, scores, index, *, threads=None, isa=None):
-    """Fused top-k over one pool block; updates and returns the (M, k) state."""
+def _as_numpy(a):
+    """A zero-copy NumPy view of torch CPU float32/float16; other tensors as they are."""
+    if isinstance(a, torch.Tensor) and a.dtype in (torch.float32, torch.float16):
+        return a.detach().numpy()
+    return a
+
+
+def _chunk_float32(a, sel) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        if not isinstance(sel, slice):
+            sel = torch.as_tensor(sel)
+        return a[sel].detach().float().contiguous().numpy()
+    return np.ascontiguousarray(a[sel], dtype=np.float32)
+
+
+def _native(a) -> bool:
+    return (isinstance(a, np.ndarray) and a.dtype.type in _NATIVE
+            and (a.shape[1] <= 1 or a.strides[1] == a.itemsize) and a.strides[0] >= 0)
+
+
+def pool_segments(parts, sel):
+    """(segments, rows) for _C: views and a row list, or converted chunk copies."""
+    arrays = [_as_numpy(a) for a in parts]
+    if all(_native(a) for a in arrays):
+        if isinstance(sel, slice):
+            return [a[sel] for a in arrays], None
+        return arrays, np.ascontiguousarray(sel, dtype=np.int64)
+    return [_chunk_float32(a, sel) for a in arrays], None  # only this chunk is converted
+
+
+def chunk_rows(m: int, width: int) -> int:
+    return max(16384, _CALL_FLOPS // max(1, 2 * m * width))
+
+
+def topk_update(q, parts, sel, normalize, widths, product, k, index_offset, scores, index, *,
+                threads=None, isa=None):
+    """Fused top-k over the pool rows `sel` of the raw `parts`; updates and returns the (M, k) state."""
+    segs, rows = pool_segments(parts, sel)
     s, ix = _np(scores), _np(index)
-    _C.topk_update(_np(q), _np(p), list(widths), bool(product), int(index_offset), s, ix,
+    _C.topk_update(_np(q), segs, rows, normalize, bool(product), int(index_offset), s, ix,
                    _threads(threads), isa or DEFAULT_ISA)
     return torch.from_numpy(s), torch.from_numpy(ix)
 
 
 def similarity(q, p, widths, product, *, threads=None, isa=None):
+    """Dense (M, N) scores of normalised q (M, D) against normalised p (N, D)."""
+    p_np = _np(p)
+    cols = np.cumsum([0, *widths])
+    segs = [p_np[:, a:b] for a, b in zip(cols[:-1], cols[1:])]
     out = np.empty((q.shape[0], p.shape[0]), dtype=np.float32)
-    _C.similarity(_np(q), _np(p), list(widths), bool(product), out, _threads(threads), isa or DEFAULT_ISA)
+    _C.similarity(_np(q), segs, "none", bool(product), out, _threads(threads), isa or DEFAULT_ISA)
     return torch.from_numpy(out)
