@@ -92,6 +92,19 @@ def test_torch_in_torch_out(backend, torch_dtype):
     assert_valid_topk(scores.numpy(), index.numpy(), S, 4, tol)
 
 
+@pytest.mark.parametrize("normalize", ["pcc", "l2"])
+def test_large_offset_activations(backend, normalize):
+    """Post-ReLU-like features with a mean far above their spread: the normalisation
+    must not lose the signal to cancellation."""
+    rng = np.random.default_rng()
+    z = [(rng.standard_normal((300, L)) * 0.5 + 1000).astype(np.float32) for L in (33, 1024)]
+    g = [rng.standard_normal((300, L)).astype(np.float32) for L in (33, 1024)]
+    q, p = pyfk.Descriptors([a[:6] for a in z], [a[:6] for a in g]), pyfk.Descriptors(z, g)
+    scores, index = pyfk.topk(q, p, k=12, normalize=normalize, backend=backend)
+    S = similarity64(q.z, q.g, p.z, p.g, "product", normalize)
+    assert_valid_topk(scores, index, S, 12, tolerance(q.z, q.g, p.z, p.g, "product", normalize))
+
+
 def test_backends_agree_with_reference():
     """Same-precision comparison: fused cpu kernel vs torch reference on one input."""
     rng = np.random.default_rng()

@@ -128,26 +128,50 @@ static inline float half_to_float(uint16_t h) {
   return f;
 }
 
+// Sum of (x[k] - shift) and of x[k]^2 over k < w, in float32 with VW-wide
+// partial sums (vectorised, unlike a double accumulator). Shifting by a sample
+// value keeps the mean accurate when it is large against the spread.
+static inline float vsum(const float* x, int64_t w, float shift) {
+  vf acc{};
+  const vf sv = vsplat(shift);
+  int64_t k = 0;
+  for (; k + VW <= w; k += VW) {
+    vf v;
+    std::memcpy(&v, x + k, sizeof v);
+    acc += v - sv;
+  }
+  float total = 0.0f;
+  for (int l = 0; l < VW; ++l) total += acc[l];
+  for (; k < w; ++k) total += x[k] - shift;
+  return total;
+}
+
+static inline float vsumsq(const float* x, int64_t w) {
+  vf acc{};
+  int64_t k = 0;
+  for (; k + VW <= w; k += VW) {
+    vf v;
+    std::memcpy(&v, x + k, sizeof v);
+    acc += v * v;
+  }
+  float total = 0.0f;
+  for (int l = 0; l < VW; ++l) total += acc[l];
+  for (; k < w; ++k) total += x[k] * x[k];
+  return total;
+}
+
 // Normalise one row segment in place (same formulas as pyfk.descriptors):
 // pcc: (x - mean) / (population std + 1e-10);  l2: x / (||x|| + 1e-10).
 static inline void normalize_row(float* x, int64_t w, Normalize mode) {
   if (mode == Normalize::none) return;
-  double sum = 0.0;
   if (mode == Normalize::pcc) {
-    for (int64_t k = 0; k < w; ++k) sum += x[k];
-    const float mean = static_cast<float>(sum / static_cast<double>(w));
-    double sq = 0.0;
-    for (int64_t k = 0; k < w; ++k) {
-      x[k] -= mean;
-      sq += static_cast<double>(x[k]) * x[k];
-    }
-    const float scale = static_cast<float>(1.0 / (std::sqrt(sq / static_cast<double>(w)) + 1e-10));
-    for (int64_t k = 0; k < w; ++k) x[k] *= scale;
-  } else {
-    for (int64_t k = 0; k < w; ++k) sum += static_cast<double>(x[k]) * x[k];
-    const float scale = static_cast<float>(1.0 / (std::sqrt(sum) + 1e-10));
-    for (int64_t k = 0; k < w; ++k) x[k] *= scale;
+    const float mean = x[0] + vsum(x, w, x[0]) / static_cast<float>(w);
+    for (int64_t k = 0; k < w; ++k) x[k] -= mean;
   }
+  float norm = std::sqrt(vsumsq(x, w));
+  if (mode == Normalize::pcc) norm /= std::sqrt(static_cast<float>(w));
+  const float scale = 1.0f / (norm + 1e-10f);
+  for (int64_t k = 0; k < w; ++k) x[k] *= scale;
 }
 
 // Pack pool positions [pos0, pos0 + count) into one NR-column panel: gather the
