@@ -131,10 +131,38 @@ class Descriptors:
         """Raise ValueError naming `name` and the scale if any value is NaN or Inf."""
         for part, arrays in (("z", self.z), ("g", self.g or [])):
             for j, a in enumerate(arrays):
-                ok = bool(torch.isfinite(a).all()) if isinstance(a, torch.Tensor) else bool(
-                    np.isfinite(a).all())
-                if not ok:
+                if not _all_finite(a):
                     raise ValueError(f"{name}: {part}[{j}] contains NaN or Inf values")
+                if a.dtype in (np.float64, torch.float64) and _max_abs(a) > _F32_MAX:
+                    raise ValueError(f"{name}: {part}[{j}] holds values beyond the float32 range "
+                                     f"(|x| > {_F32_MAX:.3g}) that the kernels compute in")
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _max_abs(a) -> float:
+    if isinstance(a, torch.Tensor):
+        return float(a.abs().max()) if a.numel() else 0.0
+    return float(np.abs(a).max()) if a.size else 0.0
+
+
+def _all_finite(a) -> bool:
+    """Exact finiteness test without an n x L boolean temporary.
+
+    A float64 sum of float16/32/bf16 values cannot overflow, so it is finite iff
+    every value is; float64 arrays (or a sum that did overflow) are checked exactly
+    in row blocks.
+    """
+    if isinstance(a, torch.Tensor):
+        if a.dtype != torch.float64 and bool(torch.isfinite(a.sum(dtype=torch.float64))):
+            return True
+        step = max(1, (1 << 22) // max(1, a.shape[1]))
+        return all(bool(torch.isfinite(a[i:i + step]).all()) for i in range(0, a.shape[0], step))
+    if a.dtype != np.float64 and np.isfinite(a.sum(dtype=np.float64)):
+        return True
+    step = max(1, (1 << 22) // max(1, a.shape[1]))
+    return all(bool(np.isfinite(a[i:i + step]).all()) for i in range(0, a.shape[0], step))
 
 
 def segments(desc: Descriptors, combine: str) -> tuple[list, list[int], bool]:

@@ -196,3 +196,32 @@ def test_labels_shape_and_dtype(data):
 def test_not_descriptors():
     with pytest.raises(TypeError, match="queries: expected pyfk.Descriptors, got ndarray"):
         pyfk.topk(np.zeros((2, 3)), np.zeros((4, 3)), k=1)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, "torch32", "torch_bf16"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_every_dtype(dtype, bad):
+    a = np.ones((50, 9))
+    a[37, 4] = bad
+    if dtype == "torch32":
+        arr = torch.from_numpy(a.astype(np.float32))
+    elif dtype == "torch_bf16":
+        arr = torch.from_numpy(a).to(torch.bfloat16)
+    else:
+        arr = a.astype(dtype)
+    q = pyfk.Descriptors([arr[:2]])
+    with pytest.raises(ValueError, match=r"pool: z\[0\] contains NaN or Inf"):
+        pyfk.topk(q, pyfk.Descriptors([arr]), k=2, combine="features")
+
+
+def test_float64_beyond_float32_range():
+    a = np.full((4, 3), 1e300)  # finite in float64, inf once the kernels cast to float32
+    with pytest.raises(ValueError, match=r"queries: z\[0\] holds values beyond the float32 range"):
+        pyfk.topk(pyfk.Descriptors([a]), pyfk.Descriptors([a]), k=2, combine="features")
+
+
+def test_large_float64_within_float32_range_is_fine():
+    rng = np.random.default_rng()
+    a = rng.standard_normal((6, 3)) * 1e30  # float64 sum is fine, values fit in float32
+    s, _ = pyfk.topk(pyfk.Descriptors([a]), pyfk.Descriptors([a]), k=2, combine="features")
+    assert np.isfinite(s).all()
