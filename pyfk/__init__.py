@@ -9,6 +9,8 @@
 from pyfk._version import __version__
 from pyfk.api import select, similarity, topk
 from pyfk.descriptors import Descriptors
+from pyfk.extract import Extraction, extract
 from pyfk.registry import BackendUnavailable, backends
 
-__all__ = ["Descriptors", "topk", "similarity", "select", "backends", "BackendUnavailable", "__version__"]
+__all__ = ["Descriptors", "Extraction", "extract", "topk", "similarity", "select", "backends",
+           "BackendUnavailable", "__version__"]

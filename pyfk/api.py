@@ -39,9 +39,17 @@ def _check_int(value, name: str, lo: int, hi: int, what: str = "") -> int:
 
 
 def _check_descriptors(d, name: str) -> Descriptors:
-    if not isinstance(d, Descriptors):
-        raise TypeError(f"{name}: expected pyfk.Descriptors, got {type(d).__name__}")
-    return d
+    """Descriptors as given, or those of a DescriptorStore (memmaps, streamed) or an Extraction."""
+    if isinstance(d, Descriptors):
+        return d
+    from pyfk.extract import Extraction
+    from pyfk.store import DescriptorStore
+
+    if isinstance(d, DescriptorStore):
+        return d.descriptors()
+    if isinstance(d, Extraction):
+        return d.descriptors
+    raise TypeError(f"{name}: expected pyfk.Descriptors, a DescriptorStore or an Extraction, got {type(d).__name__}")
 
 
 def _check_pair(queries: Descriptors, pool: Descriptors, combine: str, qname="queries", pname="pool"):
@@ -58,6 +66,9 @@ def _check_pair(queries: Descriptors, pool: Descriptors, combine: str, qname="qu
             if not d.has_g:
                 raise ValueError(f"{name}: combine={combine!r} needs gradients g, but {name}.g is None "
                                  "(use combine='features' for features only)")
+        if queries.g_widths != pool.g_widths:
+            raise ValueError(f"{pname}: expected gradient widths {queries.g_widths} like {qname}, "
+                             f"got {pool.g_widths}")
     if pool.n == 0:
         raise ValueError(f"{pname}: expected a non-empty pool, got 0 rows")
     if queries.n == 0:
@@ -144,8 +155,8 @@ def topk(queries: Descriptors, pool: Descriptors, k: int = 32, combine: str = "p
     inputs for the `cpu` backend (which normalises pool rows as it packs them), plus
     a ~256 MiB normalised chunk for `torch`.
     """
-    _check_descriptors(queries, "queries")
-    _check_descriptors(pool, "pool")
+    queries = _check_descriptors(queries, "queries")
+    pool = _check_descriptors(pool, "pool")
     _check_choice(combine, "combine", COMBINES)
     _check_choice(normalize, "normalize", NORMALIZES)
     _check_pair(queries, pool, combine)
@@ -169,8 +180,8 @@ def topk(queries: Descriptors, pool: Descriptors, k: int = 32, combine: str = "p
 def similarity(queries: Descriptors, pool: Descriptors, combine: str = "product",
                normalize: str = "pcc", backend: str = "auto"):
     """Dense (M, N) float32 similarity matrix R (see `topk`), for small inputs and tests."""
-    _check_descriptors(queries, "queries")
-    _check_descriptors(pool, "pool")
+    queries = _check_descriptors(queries, "queries")
+    pool = _check_descriptors(pool, "pool")
     _check_choice(combine, "combine", COMBINES)
     _check_choice(normalize, "normalize", NORMALIZES)
     _check_pair(queries, pool, combine)
@@ -255,8 +266,8 @@ def select(pool: Descriptors, val: Descriptors, budget: int, val_labels=None, va
     dict that also holds the centres (validation rows) and, per chosen index, the
     centre, rank (0-based) and score that brought it in.
     """
-    _check_descriptors(pool, "pool")
-    _check_descriptors(val, "val")
+    pool = _check_descriptors(pool, "pool")
+    val = _check_descriptors(val, "val")
     _check_choice(combine, "combine", COMBINES)
     _check_choice(normalize, "normalize", NORMALIZES)
     _check_pair(val, pool, combine, qname="val", pname="pool")

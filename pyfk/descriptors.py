@@ -8,6 +8,7 @@ copies of row chunks, so a pool is never duplicated as a whole.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,9 +55,11 @@ class Descriptors:
 
     All arrays are NumPy or all are torch tensors on one device; float16, float32,
     float64 (and bfloat16 for torch) are accepted. Kernels compute in float32.
+    same_widths=False lets g_j have its own width (two-factor kernels such as the
+    BADGE embedding (p - onehot) x [h, 1], whose widths are C and H + 1).
     """
 
-    def __init__(self, z, g=None):
+    def __init__(self, z, g=None, *, same_widths: bool = True):
         z = self._as_list(z, "z")
         if not z:
             raise ValueError("z: expected at least one scale, got an empty sequence")
@@ -74,7 +77,7 @@ class Descriptors:
             for j, a in enumerate(arrays):
                 if a.shape[0] != n:
                     raise ValueError(f"{name}[{j}]: expected {n} rows like z[0], got {a.shape[0]}")
-        if g is not None:
+        if g is not None and same_widths:
             for j, (a, b) in enumerate(zip(z, g)):
                 if a.shape[1] != b.shape[1]:
                     raise ValueError(f"g[{j}]: expected width {a.shape[1]} to match z[{j}], got {b.shape[1]}")
@@ -108,6 +111,10 @@ class Descriptors:
         return [int(a.shape[1]) for a in self.z]
 
     @property
+    def g_widths(self) -> list[int] | None:
+        return None if self.g is None else [int(a.shape[1]) for a in self.g]
+
+    @property
     def num_scales(self) -> int:
         return len(self.z)
 
@@ -125,7 +132,8 @@ class Descriptors:
             if isinstance(a, torch.Tensor) and not isinstance(rows, slice):
                 return a[torch.as_tensor(np.asarray(rows), device=a.device)]
             return a[rows]
-        return Descriptors([pick(a) for a in self.z], None if self.g is None else [pick(a) for a in self.g])
+        return Descriptors([pick(a) for a in self.z], None if self.g is None else [pick(a) for a in self.g],
+                           same_widths=False)
 
     def check_finite(self, name: str) -> None:
         """Raise ValueError naming `name` and the scale if any value is NaN or Inf."""
@@ -181,8 +189,14 @@ def segments(desc: Descriptors, combine: str) -> tuple[list, list[int], bool]:
 
 
 def _as_tensor(a, device) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
-    return t.to(device=device, non_blocking=True)
+    if isinstance(a, np.ndarray):
+        a = np.ascontiguousarray(a)
+        if not a.flags.writeable:  # read-only memmap (a store): torch warns, but we only read it
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                return torch.from_numpy(a).to(device=device, non_blocking=True)
+        a = torch.from_numpy(a)
+    return a.to(device=device, non_blocking=True)
 
 
 def normalized_block(parts: list, rows, normalize: str, device=None) -> torch.Tensor:

@@ -194,7 +194,8 @@ def test_labels_shape_and_dtype(data):
 
 
 def test_not_descriptors():
-    with pytest.raises(TypeError, match="queries: expected pyfk.Descriptors, got ndarray"):
+    with pytest.raises(TypeError, match="queries: expected pyfk.Descriptors, a DescriptorStore or an Extraction, got "
+                                        "ndarray"):
         pyfk.topk(np.zeros((2, 3)), np.zeros((4, 3)), k=1)
 
 
