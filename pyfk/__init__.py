@@ -4,6 +4,7 @@
     p = pyfk.Descriptors(z=[Zp1, Zp2], g=[Gp1, Gp2])
     scores, index = pyfk.topk(q, p, k=32)            # PFK product kernel, PCC-normalised
     chosen = pyfk.select(pool=p, val=v, budget=125, val_labels=y, val_pred=y_hat)
+    sel = pyfk.acquire("badge", pyfk.PoolInputs(badge=...), budget=125, labeled=labeled)  # any strategy
 """
 
 from pyfk._version import __version__
@@ -11,6 +12,8 @@ from pyfk.api import select, similarity, topk
 from pyfk.descriptors import Descriptors
 from pyfk.extract import Extraction, extract
 from pyfk.registry import BackendUnavailable, backends
+from pyfk.strategies import STRATEGIES, PoolInputs, Selection, ValInputs
+from pyfk.strategies import select as acquire
 
 __all__ = ["Descriptors", "Extraction", "extract", "topk", "similarity", "select", "backends",
-           "BackendUnavailable", "__version__"]
+           "BackendUnavailable", "acquire", "STRATEGIES", "PoolInputs", "ValInputs", "Selection", "__version__"]

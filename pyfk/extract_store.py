@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, SequentialSampler, Subset
 
-from pyfk.descriptors import Descriptors
 from pyfk.store import DescriptorStore
 
 
@@ -133,7 +132,7 @@ def extraction_from_store(store: DescriptorStore, cls=None):
     grad_true = store.descriptors(g_prefix="g_true") if "g_true0" in names else None
     badge = None
     if "badge_h0" in names:
-        badge = Descriptors([store.rows("badge_h0")], [store.rows("badge_e0")], same_widths=False)
+        badge = store.descriptors(z_prefix="badge_h", g_prefix="badge_e", same_widths=False)
     return cls(store.descriptors(), store.rows("probs"), store.rows("pred"),
                None if (labels < 0).all() else labels, store.rows("ids"), store.rows("pseudo"),
                grad_true, badge, dict(store.meta.get("extract", {}), store=store.path))

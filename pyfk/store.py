@@ -484,12 +484,14 @@ class DescriptorStore:
         """The committed rows of `name`: a view of its first rows_done rows (no copy)."""
         return self._get(name)[:self.rows_done]
 
-    def descriptors(self, rows="done", z_prefix: str = "z", g_prefix: str | None = "g") -> Descriptors:
+    def descriptors(self, rows="done", z_prefix: str = "z", g_prefix: str | None = "g", *,
+                    same_widths: bool = True) -> Descriptors:
         """A `pyfk.Descriptors` over the committed rows (memmap views, no copy).
 
         Scales are the arrays {z_prefix}0, {z_prefix}1, ... and, if present,
         {g_prefix}0, ... (same count); g_prefix=None leaves g out.
         rows: "done" (the first rows_done rows) or an int count <= rows_done.
+        same_widths=False allows g widths that differ from z (BADGE factors).
         """
         if isinstance(rows, str) and rows == "done":
             count = self.rows_done
@@ -511,7 +513,7 @@ class DescriptorStore:
                                  f"{spec['dtype']}; descriptor arrays must be 2-D float (n, L)")
         zs = [self._get(name)[:count] for name in z]
         gs = [self._get(name)[:count] for name in g] if g else None
-        return Descriptors(zs, gs)
+        return Descriptors(zs, gs, same_widths=same_widths)
 
     def _scales(self, prefix: str) -> list[str]:
         if not isinstance(prefix, str):
