@@ -2,13 +2,21 @@
 
     pyfk bench [--quick] [--M 1000 --N 50000 --widths 64,128,256,512 --k 32] [--json out.json]
     pyfk backends
+    pyfk extract --model CKPT [--arch lenet|resnet18|pkg.module:callable] --data DIR|FILE.pt|FILE.npz
+                 --out STORE [--layers conv1,conv2,fc1] [--pseudo-label argmax|true|mc] ...
+    pyfk bench-extract [--model resnet18|lenet] [--batch-size 128] [--n 512] [--repeats 3] [--json out.json]
+
+Errors in the user's input (missing file, unknown architecture, bad layer, ...)
+print one line to stderr and exit with status 2 (set PYFK_DEBUG=1 for the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 from pyfk import BackendUnavailable, __version__
@@ -89,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
                                           "available here (and if not, why).")
     backends.add_argument("--json", action="store_true", help="print the list as JSON")
     backends.set_defaults(func=_cmd_backends)
+    _add_extract(sub)
+    _add_bench_extract(sub)
     return parser
 
 
@@ -131,6 +141,383 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     width = [max(len(row[i]) for row in table) for i in range(3)]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row[:3], width)) + "  " + row[3])
+    return 0
+
+
+# ----------------------------------------------------------------------------- pyfk extract
+
+class _UserError(Exception):
+    """A problem with the command's input: reported in one line, exit status 2."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _size_arg(text: str) -> tuple[int, int]:
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H or HxW, got {text!r}") from None
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected H or HxW with positive sizes, got {text!r}")
+    return (values[0], values[-1])
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _add_extract(sub) -> None:
+    p = sub.add_parser(
+        "extract", help="extract PFK descriptors of a dataset into an on-disk store (resumable)",
+        description="Run a trained classifier over a dataset and write the PFK descriptors (pooled activations z "
+                    "and loss gradients g of the chosen layers), probabilities, predictions and labels into a "
+                    "DescriptorStore directory. Resumable: rerunning the same command continues an interrupted "
+                    "store; a complete store is left as is.",
+        epilog="CKPT is a whole pickled module (torch.save(model)) or a state_dict (torch.save(model.state_dict()), "
+               "also {'state_dict': ...}); a state_dict needs --arch. DATA is a class-per-subfolder image tree "
+               "(like torchvision ImageFolder), or a .pt/.npz file with 'x' (n, ...), optional 'y' labels and "
+               "'ids'. Example: pyfk extract --model lenet.pt --arch lenet --data mnist_pool.pt --out pool.pfk")
+    p.add_argument("--model", metavar="CKPT", required=True, help="checkpoint: a whole module or a state_dict")
+    p.add_argument("--arch", default=None,
+                   help="architecture for a state_dict: 'lenet', 'resnet18' (pyfk.models) or "
+                        "'package.module:callable' returning an nn.Module")
+    p.add_argument("--classes", type=_positive, default=None,
+                   help="number of classes, passed to the builder (built-in models: read from the state_dict "
+                        "when not given)")
+    p.add_argument("--data", required=True, metavar="PATH", help="image folder, .pt/.pth or .npz file")
+    p.add_argument("--out", required=True, metavar="STORE_DIR", help="descriptor store directory to write")
+    p.add_argument("--layers", type=_name_list, default=None,
+                   help="comma-separated module names to tap (default for built-in archs: lenet "
+                        "conv1,conv2,fc1; resnet18 layer1,layer2,layer3,layer4)")
+    p.add_argument("--pseudo-label", choices=("argmax", "true", "mc"), default="argmax",
+                   help="label estimate for the gradients: the prediction (default), the given label, or the "
+                        "argmax of MC perturbed passes")
+    p.add_argument("--mc-passes", type=_positive, default=8, help="perturbed passes for --pseudo-label mc (8)")
+    p.add_argument("--with-true", action="store_true",
+                   help="also store gradients for the true labels (validation sets; needs labels)")
+    p.add_argument("--badge", action="store_true", help="also store the BADGE factors of the last nn.Linear")
+    p.add_argument("--projection", type=_positive, default=None, metavar="W",
+                   help="seeded random projection of every wider layer to W dimensions")
+    p.add_argument("--batch-size", type=_positive, default=128, help="batch size (default 128)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                   help="descriptor dtype in the store (default float16)")
+    p.add_argument("--image-size", type=_size_arg, default=None, metavar="H[xW]",
+                   help="resize folder images to H x H (or H x W)")
+    p.add_argument("--grayscale", action="store_true", help="read folder images as 1-channel grayscale")
+    p.add_argument("--mean", type=_float_list, default=None,
+                   help="per-channel mean to subtract from the inputs, e.g. 0.4914,0.4822,0.4465")
+    p.add_argument("--std", type=_float_list, default=None, help="per-channel std to divide by (with --mean)")
+    p.add_argument("--overwrite", action="store_true", help="start the store over instead of resuming it")
+    p.add_argument("--seed", type=int, default=0, help="seed of the projection and MC perturbations (default 0)")
+    p.set_defaults(func=_cmd_extract)
+
+
+def _import_callable(spec: str):
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise _UserError(f"--arch {spec!r}: expected 'lenet', 'resnet18' or 'package.module:callable'")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # `pyfk` as a console script: let it import the user's project modules
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _UserError(f"--arch {spec!r}: cannot import {module_name!r} ({_one_line(exc)})") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise _UserError(f"--arch {spec!r}: {module_name!r} has no attribute {attr!r}") from None
+    if not callable(obj):
+        raise _UserError(f"--arch {spec!r}: {attr!r} is not callable")
+    return obj
+
+
+def _is_state_dict(obj) -> bool:
+    import torch
+
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _load_checkpoint(path: str):
+    """(module or None, state_dict or None) from a checkpoint file."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise _UserError(f"--model {path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (AttributeError, ImportError) as exc:
+        raise _UserError(f"--model {path}: cannot unpickle the module: {_one_line(exc)} (its class must be "
+                         "importable here; or save a state_dict and pass --arch)") from None
+    except Exception as exc:
+        raise _UserError(f"--model {path}: not a torch.save checkpoint ({_one_line(exc)})") from None
+    if isinstance(obj, torch.nn.Module):
+        return obj, None
+    if _is_state_dict(obj):
+        return None, obj
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model", "net"):
+            value = obj.get(key)
+            if isinstance(value, torch.nn.Module):
+                return value, None
+            if _is_state_dict(value):
+                return None, value
+    raise _UserError(f"--model {path}: expected a pickled nn.Module or a state_dict, got {type(obj).__name__}"
+                     + (f" with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else ""))
+
+
+def _strip_prefix(sd: dict) -> dict:
+    for prefix in ("module.", "_orig_mod."):  # DataParallel / torch.compile wrappers
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _build(arch: str, sd: dict, classes):
+    import inspect
+
+    from pyfk import models
+
+    if arch in models.MODELS:
+        kwargs = {}
+        stem = sd.get("conv1.weight")
+        if stem is not None and stem.ndim == 4:
+            kwargs["in_channels"] = int(stem.shape[1])
+            if arch == "resnet18":
+                kwargs["width"] = int(stem.shape[0])
+        head = sd.get("fc2.weight" if arch == "lenet" else "fc.weight")
+        if classes is not None:
+            kwargs["classes"] = classes
+        elif head is not None and head.ndim == 2:
+            kwargs["classes"] = int(head.shape[0])
+        return models.MODELS[arch](**kwargs)
+    if ":" not in arch:
+        raise _UserError(f"--arch {arch!r}: unknown architecture; expected one of "
+                         f"{', '.join(sorted(models.MODELS))} or 'package.module:callable'")
+    builder = _import_callable(arch)
+    kwargs = {}
+    if classes is not None:
+        try:
+            params = inspect.signature(builder).parameters
+        except (TypeError, ValueError):
+            params = {}
+        name = next((k for k in ("classes", "num_classes") if k in params), None)
+        if name is None:
+            print(f"pyfk extract: note: {arch} takes no 'classes'/'num_classes' argument; --classes is not passed",
+                  file=sys.stderr)
+        else:
+            kwargs[name] = classes
+    try:
+        model = builder(**kwargs)
+    except Exception as exc:
+        raise _UserError(f"--arch {arch!r}: building the model failed: {_one_line(exc)}") from None
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise _UserError(f"--arch {arch!r}: returned {type(model).__name__}, expected an nn.Module")
+    return model
+
+
+def _load_weights(model, sd: dict, what: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                parts.append(f"{len(items)} {label} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})")
+        raise _UserError(f"--model: the state_dict does not fit {what}: {'; '.join(parts)}")
+    model.load_state_dict(sd, strict=True)
+
+
+def _model_and_layers(args):
+    from pyfk import models
+
+    module, sd = _load_checkpoint(args.model)
+    arch = args.arch
+    if module is not None:
+        model = module
+        if arch is not None:
+            print("pyfk extract: note: the checkpoint holds a whole module; --arch is ignored", file=sys.stderr)
+        builtin = next((name for name, cls in models.MODELS.items() if type(model) is cls), None)
+    else:
+        if arch is None:
+            raise _UserError(f"--model {args.model}: holds a state_dict; name its architecture with --arch "
+                             f"({', '.join(sorted(models.MODELS))} or package.module:callable)")
+        sd = _strip_prefix(sd)
+        model = _build(arch, sd, args.classes)
+        _load_weights(model, sd, f"--arch {arch}")
+        builtin = arch if arch in models.MODELS else None
+    layers = args.layers
+    if layers is None:
+        if builtin is None:
+            names = [n for n, _ in model.named_modules() if n]
+            raise _UserError(f"--layers is required for {type(model).__name__} (its modules include "
+                             f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''})")
+        layers = models.default_layers(builtin)
+    return model, layers
+
+
+def _device(text):
+    import torch
+
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise _UserError(f"--device {text!r}: not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _UserError(f"--device {text}: CUDA is not available here")
+    return device
+
+
+def _rows_done(path: str) -> int:
+    from pyfk.store import DescriptorStore
+
+    if not os.path.exists(os.path.join(path, "manifest.json")):
+        return 0
+    try:
+        store = DescriptorStore.open(path, "r")
+    except Exception:  # a broken store: pyfk.extract reports it
+        return 0
+    done = store.rows_done
+    store.close()
+    return done
+
+
+def _hint(message: str) -> str:
+    message = message.replace("pass overwrite=True", "pass --overwrite")
+    if "stack expects each tensor to be equal size" in message:
+        message += " (the images differ in size: pass --image-size)"
+    elif "channels" in message and "expected input" in message:
+        message += " (check --grayscale / the model's input channels)"
+    return message
+
+
+def _run_extract(args) -> int:
+    import torch
+    from torch.utils.data import DataLoader
+
+    import pyfk
+    from pyfk.imagedata import Normalized, load_dataset
+
+    if args.num_workers < 0:
+        raise _UserError(f"--num-workers: expected >= 0, got {args.num_workers}")
+    if (args.mean is None) != (args.std is None):
+        raise _UserError("--mean and --std go together")
+    if not os.path.isfile(args.model):
+        raise _UserError(f"--model {args.model}: no such file")
+    device = _device(args.device)
+    dataset = load_dataset(args.data, size=args.image_size, grayscale=args.grayscale)
+    if args.mean is not None:
+        dataset = Normalized(dataset, args.mean, args.std)
+    if (args.pseudo_label == "true" or args.with_true) and not getattr(dataset, "has_labels", True):
+        raise _UserError(f"--data {args.data}: has no labels ('y'); --pseudo-label true / --with-true need them")
+    torch.manual_seed(args.seed)
+    model, layers = _model_and_layers(args)
+    model = model.to(device)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda")
+    before = 0 if args.overwrite else _rows_done(args.out)
+    t0 = time.perf_counter()
+    try:
+        result = pyfk.extract(model, loader, layers, pseudo_label=args.pseudo_label, with_true=args.with_true,
+                              badge=args.badge, mc_passes=args.mc_passes, projection=args.projection,
+                              seed=args.seed, device=device, dtype=args.dtype, store=args.out,
+                              overwrite=args.overwrite, progress=True)
+    except KeyboardInterrupt:
+        done = _rows_done(args.out)
+        print(f"pyfk extract: interrupted; {done} of {len(dataset)} rows are committed in {args.out}. Rerun the "
+              "same command to continue.", file=sys.stderr)
+        return 130
+    seconds = time.perf_counter() - t0
+    n = len(result)
+    new = n - before
+    widths = [int(z.shape[1]) for z in result.descriptors.z]
+    print(f"pyfk extract: {args.out}: {n} rows, {len(widths)} layers (width): "
+          + ", ".join(f"{name} ({w})" for name, w in zip(result.meta.get("layers", layers), widths))
+          + f"; z and g {args.dtype}" + (", g_true" if result.grad_true is not None else "")
+          + (", BADGE factors" if result.badge is not None else ""))
+    if new == 0:
+        print("  already complete: nothing to do (--overwrite starts it over)")
+    else:
+        resumed = f", resumed at row {before}" if before else ""
+        print(f"  {new} images in {seconds:.2f} s: {new / seconds:.1f} images/s on {device}"
+              f" ({torch.get_num_threads()} CPU threads){resumed}")
+    if result.labels is not None and n:
+        acc = float((result.pred == result.labels).mean())
+        print(f"  model accuracy on the given labels: {100 * acc:.1f}%")
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    try:
+        return _run_extract(args)
+    except (_UserError, FileNotFoundError, ValueError, TypeError, KeyError, IndexError, RuntimeError, OSError,
+            ImportError) as exc:
+        if os.environ.get("PYFK_DEBUG"):
+            raise
+        print(f"pyfk extract: error: {_hint(_one_line(exc))}", file=sys.stderr)
+        return 2
+
+
+# ----------------------------------------------------------------------------- pyfk bench-extract
+
+def _add_bench_extract(sub) -> None:
+    p = sub.add_parser(
+        "bench-extract", help="time descriptor extraction against a plain forward+backward of the same model",
+        description="Time pyfk.extract (argmax pseudo labels, in memory) against a plain forward + cross-entropy "
+                    "backward with weight gradients (a training step without the optimizer) and a no_grad "
+                    "forward, on the same model and the same in-memory DataLoader of random images; median of "
+                    "--repeats passes after one warm-up batch. Target: extract >= 0.85x the plain images/s.")
+    p.add_argument("--model", choices=("resnet18", "lenet"), default="resnet18",
+                   help="resnet18 (CIFAR-style, 3x32x32) or lenet (1x28x28); default resnet18")
+    p.add_argument("--batch-size", type=_positive, default=128, help="batch size (default 128)")
+    p.add_argument("--n", type=_positive, default=None, help="images (default 512 for resnet18, 1024 for lenet)")
+    p.add_argument("--repeats", type=_positive, default=3, help="timed passes per method, median (default 3)")
+    p.add_argument("--width", type=_positive, default=64, help="resnet18 base width (default 64)")
+    p.add_argument("--threads", type=_positive, default=None, help="torch.set_num_threads before timing")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and images (default 0)")
+    p.add_argument("--json", metavar="PATH", type=Path, default=None,
+                   help="also write the full result as JSON to PATH (parent folders are created)")
+    p.set_defaults(func=_cmd_bench_extract)
+
+
+def _cmd_bench_extract(args: argparse.Namespace) -> int:
+    from pyfk.bench_extract import format_table, run_bench_extract
+
+    try:
+        result = run_bench_extract(args.model, batch_size=args.batch_size, n=args.n, repeats=args.repeats,
+                                   width=args.width, threads=args.threads, device=args.device, seed=args.seed)
+    except (ValueError, RuntimeError) as exc:
+        if os.environ.get("PYFK_DEBUG"):
+            raise
+        print(f"pyfk bench-extract: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
     return 0
 
 
