@@ -210,7 +210,8 @@ def extract(model: torch.nn.Module, loader, layers, pseudo_label: str = "argmax"
         with_true: also gradients w.r.t. the true labels (validation sets) -> grad_true.
         badge: also the BADGE factors of the last Linear (or `badge_layer`).
         projection: None, an int width, or {layer: width}: seeded JL projection per scale.
-        amp: bf16 autocast (default: on for CUDA devices that support bf16).
+        amp: bf16 autocast (default: on for CUDA devices that support bf16; early-layer
+            gradients then carry ~10% relative error -- amp=False for float32 descriptors).
         channels_last: default on for CUDA with 4-D inputs.
         dtype: descriptor dtype: "float32" (default in memory), "float16" (default in a
             store; the kernels read it directly) or "float64" (for checking).

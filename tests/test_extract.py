@@ -281,3 +281,14 @@ def test_store_corrupted_manifest_detected(tmp_path):
     (tmp_path / "s" / "manifest.json").write_text('{"format": "pyfk-store", "vers')
     with pytest.raises(ValueError, match="manifest.json"):
         pyfk.extract(model, loader_of(x, y, 4), layers, store=tmp_path / "s")
+
+
+def test_amp_bf16_and_channels_last_run_and_stay_close():
+    """The throughput options change precision only: bf16 descriptors correlate with fp32 ones."""
+    model, x, y, layers = make_case("resnet18", n=12)
+    a = pyfk.extract(model, loader_of(x, y, 6), layers, amp=True, channels_last=True)
+    b = pyfk.extract(model, loader_of(x, y, 6), layers)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    for j in range(len(layers)):
+        for got, ref in ((a.descriptors.z[j], b.descriptors.z[j]), (a.descriptors.g[j], b.descriptors.g[j])):
+            assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.95
