@@ -12,6 +12,7 @@ curve.png (mean over seeds with a min-max band).
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
@@ -88,6 +89,8 @@ def build_model(name: str, in_channels: int, classes: int, size: int) -> torch.n
 
     if name not in models.MODELS:
         raise ValueError(f"model: expected one of {sorted(models.MODELS)}, got {name!r}")
+    if name == "lenet":  # the paper's unpadded LeNet where the images allow it
+        return models.LeNet(classes=classes, in_channels=in_channels, padding=0 if size >= 28 else 2)
     return models.MODELS[name](classes=classes, in_channels=in_channels)
 
 
@@ -262,6 +265,7 @@ def run(cfg: Config, path: str, *, log=print, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
     bar = tqdm(total=total, initial=done, unit="round", desc="pyfk run", disable=not progress)
     pretrained = {}
+    first_round = {}  # seed -> round-0 model: the same for every strategy (same labels, same seeds)
     for seed in cfg.seeds:
         for strategy in cfg.strategies:
             key = f"{strategy}/seed{seed}"
@@ -273,13 +277,18 @@ def run(cfg: Config, path: str, *, log=print, progress: bool = True) -> dict:
             for r in range(len(rounds), cfg.rounds + 1):
                 torch.manual_seed(_seed_for(seed, r, 2))
                 model = build_model(cfg.model, ds.x.shape[1], ds.classes, ds.x.shape[-1])
-                if cfg.pretrain_rotation:
-                    if seed not in pretrained:
-                        pretrained[seed] = rotation_pretrain(cfg, pool_x, ds.classes, seed)
-                    model.load_state_dict(pretrained[seed], strict=False)
                 t0 = time.perf_counter()
-                train(model, pool_x[labeled], pool_y[labeled], cfg.train_steps, cfg.batch_size, cfg.lr,
-                      _seed_for(seed, r, 3))
+                if r == 0 and seed in first_round:
+                    model.load_state_dict(first_round[seed])
+                else:
+                    if cfg.pretrain_rotation:
+                        if seed not in pretrained:
+                            pretrained[seed] = rotation_pretrain(cfg, pool_x, ds.classes, seed)
+                        model.load_state_dict(pretrained[seed], strict=False)
+                    train(model, pool_x[labeled], pool_y[labeled], cfg.train_steps, cfg.batch_size, cfg.lr,
+                          _seed_for(seed, r, 3))
+                    if r == 0:
+                        first_round[seed] = copy.deepcopy(model.state_dict())
                 train_s = time.perf_counter() - t0
                 metrics = evaluate(model, test_x, test_y, ds.classes, split.minority)
                 record = {"round": r, "labels": int(len(labeled)), **metrics, "train_seconds": round(train_s, 3),

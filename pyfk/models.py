@@ -25,10 +25,12 @@ class LeNet(nn.Module):
     other sizes (8x8, 32x32, ...; at least 4x4).
     """
 
-    def __init__(self, classes: int = 10, in_channels: int = 1, dropout: float = 0.25):
+    def __init__(self, classes: int = 10, in_channels: int = 1, dropout: float = 0.25, padding: int = 2):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 20, 5, padding=2)
-        self.conv2 = nn.Conv2d(20, 50, 5, padding=2)
+        # padding=0 is the original (28 -> 24 -> 12 -> 8 -> 4, 3x fewer conv flops); padding=2 keeps
+        # the size and so also runs on small images such as 8x8 digits.
+        self.conv1 = nn.Conv2d(in_channels, 20, 5, padding=padding)
+        self.conv2 = nn.Conv2d(20, 50, 5, padding=padding)
         self.pool = nn.AdaptiveAvgPool2d(4)
         self.fc1 = nn.Linear(50 * 4 * 4, 500)
         self.drop = nn.Dropout(dropout)  # before the classifier: what MC-dropout strategies sample

@@ -1,0 +1,89 @@
+"""The AL runner: resume equals an uninterrupted run; configs are validated; outputs are written."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pyfk import al, cli
+
+SMALL = dict(dataset="digits", val_per_class=10, test_per_class=30, imbalance=20, initial=12, budget=6,
+             rounds=2, seeds=[0, 1], train_steps=15, batch_size=16, mc_passes=3, k=4,
+             strategies=["random", "entropy", "var_ratio", "coreset", "badge", "pfk"])
+
+
+def _comparable(state):
+    """Round records without wall-clock fields."""
+    out = {}
+    for key, rounds in state["runs"].items():
+        out[key] = [{k: v for k, v in r.items() if k not in ("train_seconds", "selection_seconds", "provenance")}
+                    for r in rounds]
+    return out
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
+    cfg = al.Config.from_dict(SMALL)
+    whole = al.run(cfg, str(tmp_path / "whole"), progress=False, log=lambda *a: None)
+    commits = {"n": 0}
+    original = al.Run.commit
+
+    def dying_commit(self, key, record):
+        if commits["n"] == 5:
+            raise KeyboardInterrupt  # killed while working on the 6th round
+        commits["n"] += 1
+        original(self, key, record)
+
+    monkeypatch.setattr(al.Run, "commit", dying_commit)
+    with pytest.raises(KeyboardInterrupt):
+        al.run(cfg, str(tmp_path / "cut"), progress=False, log=lambda *a: None)
+    monkeypatch.setattr(al.Run, "commit", original)
+    partial = json.loads((tmp_path / "cut" / "state.json").read_text())
+    assert sum(len(r) for r in partial["runs"].values()) == 5
+    resumed = al.run(cfg, str(tmp_path / "cut"), progress=False, log=lambda *a: None)
+    a = json.loads((tmp_path / "whole" / "state.json").read_text())
+    b = json.loads((tmp_path / "cut" / "state.json").read_text())
+    assert _comparable(a) == _comparable(b)
+    assert len(whole["rows"]) == len(resumed["rows"]) == 6 * 2 * 3
+    for name in ("results.csv", "results.json", "curve.png"):
+        assert (tmp_path / "cut" / name).stat().st_size > 0
+
+
+def test_rounds_grow_the_labeled_set_without_repeats(tmp_path):
+    cfg = al.Config.from_dict(dict(SMALL, seeds=[0], strategies=["pfk", "badge"]))
+    al.run(cfg, str(tmp_path / "r"), progress=False, log=lambda *a: None)
+    state = json.loads((tmp_path / "r" / "state.json").read_text())
+    for key, rounds in state["runs"].items():
+        assert [r["labels"] for r in rounds] == [12, 18, 24]
+        picked = [i for r in rounds for i in r["selected"]]
+        assert len(picked) == len(set(picked)) == 12
+        assert rounds[-1]["selected"] == []
+        conf = np.array(rounds[0]["confusion"])
+        assert conf.sum() == 300 and abs(np.trace(conf) / 300 - rounds[0]["accuracy"]) < 1e-9
+    assert state["runs"]["pfk/seed0"][0]["provenance"]["strategy"] == "pfk"
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="config: unknown keys \\['budjet'\\]"):
+        al.Config.from_dict({"budjet": 3})
+    with pytest.raises(ValueError, match="strategies: unknown \\['uncertainty'\\]"):
+        al.Config.from_dict({"strategies": ["uncertainty"]})
+    with pytest.raises(ValueError, match="budget: expected a positive integer"):
+        al.Config.from_dict({"budget": 0})
+    cfg = al.Config.from_dict(dict(SMALL, rounds=0, seeds=[0], strategies=["random"]))
+    al.run(cfg, str(tmp_path / "x"), progress=False, log=lambda *a: None)
+    other = al.Config.from_dict(dict(SMALL, rounds=0, seeds=[0], strategies=["random"], budget=7))
+    with pytest.raises(ValueError, match="run: .* holds a run with a different config \\(keys \\['budget'\\]\\)"):
+        al.run(other, str(tmp_path / "x"), progress=False, log=lambda *a: None)
+
+
+def test_cli_run_and_errors(tmp_path, capsys):
+    config = tmp_path / "exp.json"
+    config.write_text(json.dumps(dict(SMALL, rounds=1, seeds=[0], strategies=["random", "pfk"])))
+    assert cli.main(["run", str(config), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "pfk" in out and "minority" in out and "curve.png" in out
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"strategies": ["nope"]}')
+    assert cli.main(["run", str(bad), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
+    assert "strategies: unknown ['nope']" in capsys.readouterr().err
+    assert cli.main(["run", str(tmp_path / "missing.json"), "--no-progress"]) == 2
