@@ -371,9 +371,10 @@ def plot(summary: dict, path: str) -> None:
                             alpha=0.15)
     for ax, title in zip(axes, ("test accuracy", "minority-group test accuracy")):
         ax.set_xlabel("labels used")
-        ax.set_title(title + " (mean, band = min-max over seeds)")
+        ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend()
+    fig.suptitle("mean over seeds; bands: min-max over seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
