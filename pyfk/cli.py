@@ -528,7 +528,8 @@ def _cmd_bench_extract(args: argparse.Namespace) -> int:
 
 # The demo: embedded MNIST-5k, digits 5-9 at 100x fewer pool images than 0-4.
 DEMO = {"strategies": ["random", "entropy", "var_ratio", "coreset", "badge", "pfk"], "seeds": [0, 1, 2],
-        "rounds": 4, "initial": 20, "budget": 20, "train_steps": 200, "mc_passes": 5}
+        "rounds": 4, "initial": 20, "budget": 20, "train_steps": 200, "mc_passes": 5,
+        "pretrain_rotation": True, "pretrain_steps": 300}
 DEMO_QUICK = {"strategies": ["random", "entropy", "pfk"], "seeds": [0], "rounds": 2, "train_steps": 100}
 
 

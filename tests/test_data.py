@@ -59,3 +59,51 @@ def test_unknown_dataset():
         data.load("imagenet")
     with pytest.raises(ValueError, match="pass root="):
         data.load("cifar10")
+
+
+def _write_idx(path, arr):
+    import gzip
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_local_mnist_cifar_svhn_and_folder_layouts(tmp_path):
+    import pickle
+
+    rng = np.random.default_rng()
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    imgs = {s: rng.integers(0, 256, (n, 28, 28)) for s, n in (("train", 7), ("t10k", 3))}
+    labs = {s: rng.integers(0, 10, len(imgs[s])) for s in imgs}
+    for s in imgs:
+        _write_idx(raw / f"{s}-images-idx3-ubyte.gz", imgs[s])
+        _write_idx(raw / f"{s}-labels-idx1-ubyte.gz", labs[s])
+    ds = data.load("mnist", root=str(tmp_path / "mnist"))
+    assert ds.x.shape == (10, 1, 28, 28)
+    np.testing.assert_allclose(ds.x[0, 0], imgs["train"][0] / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(ds.y, np.concatenate([labs["train"], labs["t10k"]]))
+
+    cifar = tmp_path / "cifar" / "cifar-10-batches-py"
+    cifar.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(cifar / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (2, 3072)).astype(np.uint8), "labels": [1, 2]}, f)
+    ds = data.load("cifar10", root=str(tmp_path / "cifar"))
+    assert ds.x.shape == (12, 3, 32, 32) and ds.y.tolist() == [1, 2] * 6
+
+    from scipy.io import savemat
+    svhn = tmp_path / "svhn"
+    svhn.mkdir()
+    for name in ("train_32x32.mat", "test_32x32.mat"):
+        savemat(svhn / name, {"X": rng.integers(0, 256, (32, 32, 3, 2)).astype(np.uint8), "y": np.array([[10], [3]])})
+    ds = data.load("svhn", root=str(svhn))
+    assert ds.x.shape == (4, 3, 32, 32) and ds.y.tolist() == [0, 3, 0, 3]
+
+    from PIL import Image
+    for c in ("cat", "dog"):
+        (tmp_path / "folder" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (6, 6, 3)).astype(np.uint8)).save(tmp_path / "folder" / c / f"{i}.png")
+    ds = data.load("folder", root=str(tmp_path / "folder"))
+    assert ds.x.shape == (4, 3, 6, 6) and ds.y.tolist() == [0, 0, 1, 1] and ds.classes == 2
