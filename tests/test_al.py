@@ -52,7 +52,7 @@ def test_rounds_grow_the_labeled_set_without_repeats(tmp_path):
     cfg = al.Config.from_dict(dict(SMALL, seeds=[0], strategies=["pfk", "badge"]))
     al.run(cfg, str(tmp_path / "r"), progress=False, log=lambda *a: None)
     state = json.loads((tmp_path / "r" / "state.json").read_text())
-    for key, rounds in state["runs"].items():
+    for rounds in state["runs"].values():
         assert [r["labels"] for r in rounds] == [12, 18, 24]
         picked = [i for r in rounds for i in r["selected"]]
         assert len(picked) == len(set(picked)) == 12
