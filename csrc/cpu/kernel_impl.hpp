@@ -286,6 +286,9 @@ void topk_update(const float* q, int64_t m, const PoolView& pool, const Layout& 
   merge_into(partial, m, k, scores, index);
 }
 
+// The pool sweep below repeats topk_update's on purpose: factoring both into one
+// template with a per-tile callback cost ~20% of topk_update's speed (GCC 12 kept
+// the tile in memory across the call), measured with 2 threads at M=1000, D=1920.
 void similarity(const float* q, int64_t m, const PoolView& pool, const Layout& lay,
                 float* out, int threads) {
   const int64_t n = pool.n;
