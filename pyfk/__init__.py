@@ -12,8 +12,10 @@ from pyfk.api import select, similarity, topk
 from pyfk.descriptors import Descriptors
 from pyfk.extract import Extraction, extract
 from pyfk.registry import BackendUnavailable, backends
+from pyfk.store import DescriptorStore
 from pyfk.strategies import STRATEGIES, PoolInputs, Selection, ValInputs
 from pyfk.strategies import select as acquire
 
 __all__ = ["Descriptors", "Extraction", "extract", "topk", "similarity", "select", "backends",
-           "BackendUnavailable", "acquire", "STRATEGIES", "PoolInputs", "ValInputs", "Selection", "__version__"]
+           "BackendUnavailable", "DescriptorStore", "acquire", "STRATEGIES", "PoolInputs", "ValInputs",
+           "Selection", "__version__"]
