@@ -1,4 +1,10 @@
-"""Build pyfk's C++ extension (pyfk._C) with CMake; everything else is pyproject.toml."""
+"""Build pyfk's C++ extensions with CMake; everything else is pyproject.toml.
+
+pyfk._C (CPU kernels) must build. pyfk._C_cuda (CUDA k-selection) is an optional
+extension built in its own CMake tree only when CMake finds a CUDA compiler; if it
+cannot be built, setuptools skips it with a warning (PYFK_NO_CUDA=1 skips it;
+PYFK_CUDA_ARCH sets CMAKE_CUDA_ARCHITECTURES, default 90).
+"""
 
 import os
 import subprocess
@@ -7,13 +13,14 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import CompileError
 
 ROOT = Path(__file__).resolve().parent
 
 
 class CMakeExtension(Extension):
-    def __init__(self, name: str):
-        super().__init__(name, sources=[])
+    def __init__(self, name: str, optional: bool = False):
+        super().__init__(name, sources=[], optional=optional)
 
 
 class CMakeBuild(build_ext):
@@ -31,8 +38,26 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={config}",
         ]
         jobs = str(os.cpu_count() or 2)
-        subprocess.run(["cmake", str(ROOT), *cmake_args], cwd=build_dir, check=True)
-        subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
+        if ext.name == "pyfk._C":
+            subprocess.run(["cmake", str(ROOT), *cmake_args, "-DPYFK_CUDA=OFF"], cwd=build_dir, check=True)
+            subprocess.run(["cmake", "--build", ".", "--target", "_C", "--parallel", jobs], cwd=build_dir,
+                           check=True)
+            return
+        # pyfk._C_cuda is optional=True: a CompileError here makes setuptools skip it with a warning.
+        if os.environ.get("PYFK_NO_CUDA"):
+            raise CompileError("PYFK_NO_CUDA is set")
+        extra = ["-DPYFK_CUDA=ON"]
+        if os.environ.get("PYFK_CUDA_ARCH"):
+            extra.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['PYFK_CUDA_ARCH']}")
+        try:
+            subprocess.run(["cmake", str(ROOT), *cmake_args, *extra], cwd=build_dir, check=True)
+            if "PYFK_BUILD_CUDA:INTERNAL=ON" not in (build_dir / "CMakeCache.txt").read_text():
+                raise CompileError("no CUDA compiler found")
+            subprocess.run(["cmake", "--build", ".", "--target", "_C_cuda", "--parallel", jobs], cwd=build_dir,
+                           check=True)
+        except (subprocess.CalledProcessError, OSError) as exc:
+            raise CompileError(f"the CUDA module failed to build ({exc})") from exc
 
 
-setup(ext_modules=[CMakeExtension("pyfk._C")], cmdclass={"build_ext": CMakeBuild})
+setup(ext_modules=[CMakeExtension("pyfk._C"), CMakeExtension("pyfk._C_cuda", optional=True)],
+      cmdclass={"build_ext": CMakeBuild})

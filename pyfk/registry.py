@@ -16,7 +16,9 @@ import torch
 
 from pyfk.descriptors import normalized_block
 from pyfk.kernels import cpu as _cpu
+from pyfk.kernels import cuda_select as _cuda
 from pyfk.kernels import reference as _reference
+from pyfk.kernels import triton_topk as _triton
 
 log = logging.getLogger("pyfk")
 
@@ -91,9 +93,11 @@ register(Backend("cpu", ("cpu",), "fused C++ kernel (AVX-512/AVX2/SSE2), running
                  _probe_cpu, _cpu.topk_update, _cpu.similarity, _cpu.chunk_rows))
 register(Backend("torch", ("cpu", "cuda"), "reference: chunked torch GEMMs + exact running top-k merge",
                  _always, _torch_topk_update, _reference.similarity, _torch_chunk_rows))
-register(Backend("triton", ("cuda",), "fused Triton Hadamard-Gram top-k",
-                 _probe_module("triton", _planned("Triton kernel: issue #4"))))
-register(Backend("cuda", ("cuda",), "CUDA k-selection kernels", _planned("CUDA sources: issue #4")))
+register(Backend("triton", ("cuda",), "fused Triton Hadamard-Gram top-k (tl.dot, in-register bitonic top-k)",
+                 _triton.available, _triton.backend_topk_update, _triton.similarity, _triton.chunk_rows))
+register(Backend("cuda", ("cuda",), "torch GEMMs (Hadamard product of per-scale Grams) + CUDA k-selection "
+                 "(pyfk._C_cuda: exact block select fused with the running top-k merge)",
+                 _cuda.available, _cuda.registry_topk_update, _reference.similarity, _cuda.chunk_rows))
 register(Backend("faiss", ("cpu", "cuda"), "exact search over explicit Kronecker features",
                  _probe_module("faiss", _planned("faiss backend: issue #4"))))
 

@@ -1,0 +1,326 @@
+"""Fused Triton kernel: multi-scale Hadamard-Gram similarity with running top-k.
+
+Math (queries q, pool items p, both normalised, columns = segments of `widths`):
+    product:  R(q, p) = sum_j (q_zj . p_zj) * (q_gj . p_gj)     (segments in pairs z_1, g_1, z_2, g_2, ...)
+    dot:      R(q, p) = q . p                                   (combine "sum" / "features")
+The M x N score matrix is never written.
+
+Kernel (`_fk_topk_kernel`), grid = (cdiv(M, BLOCK_M), SPLITS):
+  * inputs Q (M, D) and P (N, D), row-major, float32 / float16 / bfloat16 (same dtype);
+    SEG: int32 (S/2, 4) table of [z offset, z width, g offset, g width] per pair.
+  * each program owns BLOCK_M query rows and one contiguous range of pool tiles
+    (its split). Per pool tile of BLOCK_N = TILE_R x K_PAD rows (TILE_R 1 or 2): per scale, two tl.dot
+    accumulations over the z and g columns (K loop in BLOCK_K steps, masked, so
+    widths need not be multiples of 16) in float32, then acc += zz * gg (product
+    mode; plain-dot mode is one K loop over all D columns). float32 inputs use
+    input_precision="ieee" (exact fp32) unless allow_tf32=True.
+  * selection in registers: the scores are packed into int64 keys exactly like
+    `reference.pack_keys` (order-preserving float32 bits in the high word,
+    2**32 - 2 - global index in the low word; global index = index_offset + pool
+    row), so key order == (score descending, index ascending). The program keeps
+    a running (BLOCK_M, K_PAD) int64 block sorted descending per row. A tile is
+    merged only if some row's best tile key beats its K_PAD-th running key:
+    each K_PAD-wide part of the tile is sorted ascending (tl.sort), taken
+    elementwise max with the running block (a bitonic merge step: it leaves the
+    K_PAD largest of the union) and the result sorted descending again.
+    (tl.topk / tl.flip are not used; tl.sort, reshape, permute and split exist in
+    triton 3.x.) Padded pool rows get the empty key pack(-inf, -1).
+  * output: (M, SPLITS, K_PAD) int64 keys; the launcher merges the splits and
+    the incoming (M, k) state with the same key ordering (exact, tie-stable).
+
+Registers per program: the float32 (BLOCK_M, BLOCK_N) accumulators (3 in product
+mode), the int64 (BLOCK_M, K_PAD) running keys and the tile keys being sorted.
+Query and pool rows are streamed from global memory (L2) once per K step.
+
+float16 / bfloat16 inputs: the kernel ranks on low-precision dot products; the
+launcher then re-ranks the best K_PAD >= 2k candidates (a margin of at least k)
+with float32 scores recomputed from float32 copies of the candidate rows, and
+returns those float32 scores. The answer is exact unless more than K_PAD - k pool
+items come within the low-precision rounding error of the k-th best score.
+
+Limits: k <= 128 in the kernel (K_PAD = next power of two >= k, at least 16);
+k > 128 falls back to `reference.topk_update` (dense tiles + torch.topk).
+Global indices must stay below 2**32 - 1.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from pyfk.descriptors import normalized_block
+from pyfk.kernels import reference as _reference
+
+# triton is imported on first use (`_load`), never at import time: the interpreter
+# (TRITON_INTERPRET=1) only works when it is set before triton is first imported.
+triton = None
+tl = None
+_IMPORT_ERROR: str | None = None
+
+MAX_K = 128
+_LOW = 1 << 32
+_EMPTY_KEY = int(_reference.pack_keys(torch.tensor([float("-inf")]), torch.tensor([-1]))[0])
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _load() -> str | None:
+    """Import triton once; None on success, else why it failed."""
+    global triton, tl, _IMPORT_ERROR
+    if triton is None and _IMPORT_ERROR is None:
+        try:
+            import triton as _triton
+            import triton.language as _tl
+        except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+            _IMPORT_ERROR = f"the Python package 'triton' failed to import ({exc})"
+        else:
+            triton, tl = _triton, _tl
+    return _IMPORT_ERROR
+
+
+def available() -> str | None:
+    """None when the Triton kernel can run here, else the reason it cannot.
+
+    Imports triton only when it could run (a CUDA device, or TRITON_INTERPRET=1), so
+    probing never imports it in a mode a later interpreter session cannot use.
+    """
+    if triton is None and importlib.util.find_spec("triton") is None:
+        return "the Python package 'triton' is not installed"
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        return "no CUDA device is available (and TRITON_INTERPRET=1 is not set)"
+    return _load()
+
+
+# jitted lazily (`_kernel`); the annotations are strings (__future__), as triton accepts
+def _fk_topk_kernel(Q, P, SEG, OUT, M, N, D, n_pairs, index_offset, tiles_per_split, n_splits,
+                    stride_qm, stride_pn,
+                    PRODUCT: tl.constexpr, BLOCK_M: tl.constexpr, K_PAD: tl.constexpr,
+                    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                    EMPTY: tl.constexpr, TILE_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    q_rows = Q + rows.to(tl.int64)[:, None] * stride_qm
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    running = tl.full((BLOCK_M, K_PAD), EMPTY, tl.int64)
+    t0 = split * tiles_per_split
+    for t in range(t0, t0 + tiles_per_split):
+        cols = t * BLOCK_N + offs_n
+        col_ok = cols < N
+        p_cols = P + cols.to(tl.int64)[None, :] * stride_pn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if PRODUCT:
+            for j in range(n_pairs):
+                zo = tl.load(SEG + 4 * j)
+                zw = tl.load(SEG + 4 * j + 1)
+                go = tl.load(SEG + 4 * j + 2)
+                gw = tl.load(SEG + 4 * j + 3)
+                zz = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for kk in range(0, zw, BLOCK_K):
+                    c = kk + offs_k
+                    cm = c < zw
+                    a = tl.load(q_rows + (zo + c)[None, :], mask=row_ok[:, None] & cm[None, :], other=0.0)
+                    b = tl.load(p_cols + (zo + c)[:, None], mask=cm[:, None] & col_ok[None, :], other=0.0)
+                    zz = tl.dot(a, b, zz, input_precision=PRECISION)
+                gg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for kk in range(0, gw, BLOCK_K):
+                    c = kk + offs_k
+                    cm = c < gw
+                    a = tl.load(q_rows + (go + c)[None, :], mask=row_ok[:, None] & cm[None, :], other=0.0)
+                    b = tl.load(p_cols + (go + c)[:, None], mask=cm[:, None] & col_ok[None, :], other=0.0)
+                    gg = tl.dot(a, b, gg, input_precision=PRECISION)
+                acc += zz * gg
+        else:
+            for kk in range(0, D, BLOCK_K):
+                c = kk + offs_k
+                cm = c < D
+                a = tl.load(q_rows + c[None, :], mask=row_ok[:, None] & cm[None, :], other=0.0)
+                b = tl.load(p_cols + c[:, None], mask=cm[:, None] & col_ok[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        # pack (score, global index) into order-preserving int64 keys
+        s = tl.where(acc == 0.0, 0.0, acc)  # fold -0 into +0
+        bits = s.to(tl.int32, bitcast=True)
+        bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        gidx = cols.to(tl.int64) + index_offset
+        keys = (bits.to(tl.int64) << 32) + (4294967294 - gidx)[None, :]
+        keys = tl.where(col_ok[None, :], keys, EMPTY)
+        # merge only when some row's best tile key beats its K_PAD-th running key
+        beats = tl.max(keys, axis=1) > tl.min(running, axis=1)
+        if tl.max(beats.to(tl.int32), axis=0) > 0:
+            if TILE_R == 2:  # two K_PAD-wide halves, merged one after the other
+                halves = tl.permute(tl.reshape(keys, (BLOCK_M, 2, K_PAD)), (0, 2, 1))
+                first, second = tl.split(halves)
+                running = tl.sort(tl.maximum(running, tl.sort(first, dim=1)), dim=1, descending=True)
+                running = tl.sort(tl.maximum(running, tl.sort(second, dim=1)), dim=1, descending=True)
+            else:
+                running = tl.sort(tl.maximum(running, tl.sort(keys, dim=1)), dim=1, descending=True)
+    offs_out = tl.arange(0, K_PAD)
+    out = OUT + (rows.to(tl.int64)[:, None] * n_splits + split) * K_PAD + offs_out[None, :]
+    tl.store(out, running, mask=row_ok[:, None])
+
+
+_JITTED = []
+
+
+def _kernel():
+    """The jitted kernel (compiled, or interpreted under TRITON_INTERPRET=1)."""
+    reason = _load()
+    if reason is not None:
+        raise RuntimeError(f"the Triton backend is not available: {reason}")
+    if not _JITTED:
+        _JITTED.append(triton.jit(_fk_topk_kernel))
+    return _JITTED[0]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _seg_table(widths, product: bool, device) -> torch.Tensor:
+    rows, col = [], 0
+    if product:
+        for wz, wg in zip(widths[0::2], widths[1::2]):
+            rows.append([col, wz, col + wz, wg])
+            col += wz + wg
+    if not rows:
+        rows = [[0, 0, 0, 0]]
+    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+def _exact_scores(q32, p32, widths, product, cand, index_offset):
+    """float32 scores of query rows q32 (m, D) against pool candidates cand (m, r) (global
+    indices, -1 = none): -inf where empty. Computed in row chunks from float32 rows."""
+    m, r = cand.shape
+    out = torch.full((m, r), float("-inf"), dtype=torch.float32, device=q32.device)
+    d = q32.shape[1]
+    step = max(1, (1 << 24) // max(1, r * d))
+    for lo in range(0, m, step):
+        hi = min(m, lo + step)
+        c = cand[lo:hi]
+        valid = c >= 0
+        rows = torch.where(valid, c - index_offset, torch.zeros_like(c))
+        prow = p32[rows.reshape(-1)].reshape(hi - lo, r, d)
+        prod = prow * q32[lo:hi, None, :]
+        if product:
+            total = None
+            col = 0
+            for wz, wg in zip(widths[0::2], widths[1::2]):
+                zz = prod[..., col:col + wz].sum(-1)
+                col += wz
+                gg = prod[..., col:col + wg].sum(-1)
+                col += wg
+                total = zz * gg if total is None else total + zz * gg
+        else:
+            total = prod.sum(-1)
+        out[lo:hi] = torch.where(valid, total, out[lo:hi])
+    return out
+
+
+def _default_splits(m_blocks: int, n_tiles: int, device) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_tiles, -(-2 * sms // max(1, m_blocks))))
+    return 1
+
+
+def topk_update(q, p, widths, product, k, index_offset, scores, index, *, splits=None, allow_tf32=False,
+                q_exact=None, p_exact=None, block_m=None, block_k=None, tile_r=None, num_warps=4):
+    """Merge the top-k of q x p (pool rows numbered from index_offset) into the sorted
+    (M, k) state (scores float32, index int64; -1 = empty). Returns the new state.
+
+    q (M, D), p (N, D): normalised, same dtype (float32, float16 or bfloat16; others
+    are computed in float32). widths: segment widths (pairs z_j, g_j when product).
+    k <= 128 runs the fused kernel; k > 128 falls back to `reference.topk_update`.
+    splits: pool splits per query block (default: enough programs to fill the GPU).
+    allow_tf32: float32 dots on TF32 tensor cores instead of exact IEEE fp32.
+    q_exact / p_exact: float32 copies of q / p used to re-rank float16/bfloat16
+    results exactly (default: q.float() / p.float()).
+    block_m / block_k / tile_r / num_warps: tuning (query rows per program, K step,
+    pool tile = tile_r x K_PAD rows with tile_r in {1, 2}, warps).
+    """
+    m, n = q.shape[0], p.shape[0]
+    if k > MAX_K:
+        q32 = q_exact if q_exact is not None else q.float()
+        p32 = p_exact if p_exact is not None else p.float()
+        return _reference.topk_update(q32, p32, widths, product, k, index_offset, scores, index)
+    if m == 0 or n == 0:
+        return scores, index
+    if q.dtype != p.dtype or q.dtype not in (torch.float32, *_LOW_PRECISION):
+        q, p = q.float(), p.float()
+    low = q.dtype in _LOW_PRECISION
+    q = q.contiguous()
+    p = p.contiguous()
+    d = q.shape[1]
+    k_pad = max(16, _next_pow2(2 * k if low else k))
+    # defaults: a ~64 x 32 score tile per program (spill-free at 4 warps on sm_90)
+    bm = block_m or (64 if k_pad <= 32 else max(16, 2048 // k_pad))
+    bk = block_k or (32 if q.dtype == torch.float32 else 64)
+    tile_r = int(tile_r) if tile_r else (2 if bm * k_pad * 2 <= 2048 else 1)
+    if tile_r not in (1, 2):
+        raise ValueError(f"tile_r: expected 1 or 2, got {tile_r}")
+    m_blocks = _cdiv(m, bm)
+    n_tiles = _cdiv(n, k_pad * tile_r)
+    splits = int(splits) if splits else _default_splits(m_blocks, n_tiles, q.device)
+    splits = max(1, min(splits, n_tiles))
+    tiles_per_split = _cdiv(n_tiles, splits)
+    splits = _cdiv(n_tiles, tiles_per_split)
+    seg = _seg_table(list(widths), product, q.device)
+    out = torch.empty((m, splits, k_pad), dtype=torch.int64, device=q.device)
+    precision = "tf32" if (allow_tf32 and not low) else "ieee"
+    _kernel()[(m_blocks, splits)](
+        q, p, seg, out, m, n, d, len(widths) // 2 if product else 0, int(index_offset), tiles_per_split, splits,
+        q.stride(0), p.stride(0),
+        PRODUCT=bool(product), BLOCK_M=bm, K_PAD=k_pad, BLOCK_K=bk, PRECISION=precision,
+        EMPTY=_EMPTY_KEY, TILE_R=tile_r, BLOCK_N=k_pad * tile_r,
+        num_warps=num_warps)
+    cand = out.view(m, splits * k_pad)
+    if low:
+        r = min(cand.shape[1], k_pad)
+        top = cand.topk(r, dim=1, sorted=True).values if r < cand.shape[1] else cand
+        _, cidx = _reference.unpack_keys(top)
+        q32 = q_exact if q_exact is not None else q.float()
+        p32 = p_exact if p_exact is not None else p.float()
+        exact = _exact_scores(q32.to(q.device), p32.to(q.device), list(widths), product, cidx, index_offset)
+        cand = _reference.pack_keys(exact, cidx)
+    state = _reference.pack_keys(scores.to(torch.float32), index)
+    keys = torch.cat([state, cand], dim=1).topk(k, dim=1, sorted=True).values
+    s, i = _reference.unpack_keys(keys)
+    return s.contiguous(), i.contiguous()
+
+
+def similarity(q, p, widths, product):
+    """Dense (M, N) scores (small inputs only): the torch reference."""
+    return _reference.similarity(q.float(), p.float(), widths, product)
+
+
+def _parts_low_dtype(parts):
+    dtypes = {a.dtype if isinstance(a, torch.Tensor) else None for a in parts}
+    if len(dtypes) == 1:
+        dt = dtypes.pop()
+        if dt in _LOW_PRECISION:
+            return dt
+    return None
+
+
+def backend_topk_update(q, parts, sel, normalize, widths, product, k, offset, scores, index):
+    """Registry adapter: normalise the pool chunk on q's device, compute in the pool's
+    dtype when it is float16/bfloat16 (re-ranked exactly in float32), else float32."""
+    p32 = normalized_block(parts, sel, normalize, device=q.device)
+    q32 = q.float()
+    low = _parts_low_dtype(parts)
+    if low is not None and k <= MAX_K:
+        return topk_update(q32.to(low), p32.to(low), widths, product, k, offset, scores, index,
+                           q_exact=q32, p_exact=p32)
+    return topk_update(q32, p32, widths, product, k, offset, scores, index)
+
+
+def chunk_rows(m: int, width: int) -> int:
+    """Pool rows per call: a ~512 MiB normalised float32 chunk."""
+    return max(4096, (512 << 20) // (4 * max(width, 1)))

@@ -1,0 +1,245 @@
+"""The fused Triton top-k kernel: on CPU under the Triton interpreter, on CUDA compiled.
+
+TRITON_INTERPRET=1 must be set before triton is first imported (it is, here,
+when no CUDA device is present). The interpreter
+runs the xor-reductions inside tl.sort element by element in Python; a fixture
+swaps in a NumPy reduction (same result) so the file stays fast. Shapes are small.
+"""
+
+import os
+
+import torch  # noqa: E402 - does not import triton
+
+if not torch.cuda.is_available():  # CPU: the interpreter; with a GPU: the compiled kernel
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+from pyfk.descriptors import normalized_block  # noqa: E402
+from pyfk.kernels import reference  # noqa: E402
+from pyfk.kernels import triton_topk as tt  # noqa: E402
+from tests.conftest import make_arrays  # noqa: E402
+from tests.oracle import assert_valid_topk, normalize64, similarity64, topk64  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if tt.available() is not None:
+    pytest.skip(f"triton backend unavailable: {tt.available()}", allow_module_level=True)
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_interpreter_xor_sum():
+    """NumPy xor-reduce for the interpreter (its generic reduce loops in Python)."""
+    try:
+        from triton.runtime import interpreter as interp
+        ops = interp.ReduceOps
+        xor_combine = tl.standard._xor_combine
+    except (ImportError, AttributeError):
+        yield
+        return
+    original = ops.apply_impl
+
+    def apply_impl(self, input):
+        if self.combine_fn is xor_combine and self.axis is not None:
+            x = input[0]
+            data = np.bitwise_xor.reduce(x.handle.data, axis=self.axis, keepdims=self.keep_dims)
+            return self.to_tensor(data, x.dtype)
+        return original(self, input)
+
+    ops.apply_impl = apply_impl
+    yield
+    ops.apply_impl = original
+
+
+def empty_state(m, k):
+    return (torch.full((m, k), float("-inf"), device=DEVICE),
+            torch.full((m, k), -1, dtype=torch.int64, device=DEVICE))
+
+
+def tolerance(qz, qg, pz, pg, combine, normalize):
+    """2e-5 x the largest possible |R| term sum (as tests/test_topk.py)."""
+    def biggest(a, b):
+        return (np.linalg.norm(normalize64(a, normalize), axis=1).max()
+                * np.linalg.norm(normalize64(b, normalize), axis=1).max())
+    total = 0.0
+    for j in range(len(qz)):
+        zz = biggest(qz[j], pz[j])
+        if combine == "features":
+            total += zz
+        else:
+            gg = biggest(qg[j], pg[j])
+            total += zz * gg if combine == "product" else zz + gg
+    return 2e-5 * total + 1e-6
+
+
+def segments(z, g, combine):
+    if combine == "features":
+        return list(z), [a.shape[1] for a in z], False
+    parts, widths = [], []
+    for a, b in zip(z, g):
+        parts += [a, b]
+        widths += [a.shape[1], b.shape[1]]
+    return parts, widths, combine == "product"
+
+
+def run_backend(qz, qg, pz, pg, k, combine, normalize="pcc", dtype=torch.float32, splits=None, offset=0,
+                state=None, **kw):
+    """The registry adapter on torch parts of `dtype` (the oracle sees the same rounded values)."""
+    def to(arrays):
+        return [torch.from_numpy(a).to(dtype) for a in arrays]
+    qp, widths, product = segments(to(qz), to(qg), combine)
+    pp, _, _ = segments(to(pz), to(pg), combine)
+    q = normalized_block(qp, slice(None), normalize, device=torch.device(DEVICE))
+    s0, i0 = state if state is not None else empty_state(len(qz[0]), k)
+    if splits is None:
+        s, i = tt.backend_topk_update(q, pp, slice(None), normalize, widths, product, k, offset, s0, i0)
+    else:
+        p = normalized_block(pp, slice(None), normalize, device=torch.device(DEVICE))
+        low = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+        s, i = tt.topk_update(q.to(low), p.to(low), widths, product, k, offset, s0, i0, splits=splits,
+                              q_exact=q, p_exact=p, **kw)
+    as64 = [[a.double().numpy() for a in to(arrs)] for arrs in (qz, qg, pz, pg)]
+    return s.cpu(), i.cpu(), as64
+
+
+def test_available():
+    assert tt.available() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("combine", ["product", "sum", "features"])
+def test_matches_oracle(combine, dtype):
+    rng = np.random.default_rng(0)
+    M, N, widths, k = 7, 150, [7, 33], 8  # odd widths; N not a multiple of the tile
+    qz, qg = make_arrays(rng, M, widths)
+    pz, pg = make_arrays(rng, N, widths)
+    s, i, (qz64, qg64, pz64, pg64) = run_backend(qz, qg, pz, pg, k, combine, dtype=dtype, splits=3)
+    assert s.dtype == torch.float32 and i.dtype == torch.int64
+    S = similarity64(qz64, qg64, pz64, pg64, combine, "pcc")
+    assert_valid_topk(s.numpy(), i.numpy(), S, k, tolerance(qz64, qg64, pz64, pg64, combine, "pcc"))
+
+
+@pytest.mark.parametrize("shape", [(1, 57, [7], 1, None), (5, 40, [3, 5], 40, 2), (9, 100, [1, 2, 16], 17, 1),
+                                   (3, 130, [4], 130, 3)],
+                         ids=["M1k1", "k=N", "k17", "k=N>128-fallback"])
+def test_shapes(shape):
+    M, N, widths, k, splits = shape
+    rng = np.random.default_rng(1)
+    qz, qg = make_arrays(rng, M, widths)
+    pz, pg = make_arrays(rng, N, widths)
+    s, i, arrs = run_backend(qz, qg, pz, pg, k, "product", splits=splits)
+    S = similarity64(*arrs, "product", "pcc")
+    assert_valid_topk(s.numpy(), i.numpy(), S, k, tolerance(*arrs, "product", "pcc"))
+
+
+def test_agrees_with_reference_fp32():
+    rng = np.random.default_rng(2)
+    q = torch.from_numpy(rng.standard_normal((6, 40)).astype(np.float32))
+    p = torch.from_numpy(rng.standard_normal((200, 40)).astype(np.float32))
+    widths, k = [8, 8, 12, 12], 20
+    ref = reference.topk_update(q, p, widths, True, k, 0, *empty_state(6, k))
+    got = tt.topk_update(q.to(DEVICE), p.to(DEVICE), widths, True, k, 0, *empty_state(6, k), splits=4)
+    np.testing.assert_allclose(got[0].cpu().numpy(), ref[0].numpy(), rtol=1e-5, atol=1e-4)
+    same = got[0].cpu().numpy() == ref[0].numpy()
+    assert (got[1].cpu().numpy()[same] == ref[1].numpy()[same]).all()
+
+
+def test_fp16_rerank_returns_exact_fp32_scores():
+    """fp16 ranking + fp32 re-ranking equals the fp32 reference on the fp32 rows."""
+    rng = np.random.default_rng(3)
+    q = torch.from_numpy(rng.standard_normal((4, 24)).astype(np.float32))
+    p = torch.from_numpy(rng.standard_normal((120, 24)).astype(np.float32))
+    widths, k = [12, 12], 6
+    ref = reference.topk_update(q, p, widths, True, k, 0, *empty_state(4, k))
+    qd, pd = q.to(DEVICE), p.to(DEVICE)
+    got = tt.topk_update(qd.half(), pd.half(), widths, True, k, 0, *empty_state(4, k), splits=2,
+                         q_exact=qd, p_exact=pd)
+    np.testing.assert_allclose(got[0].cpu().numpy(), ref[0].numpy(), rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(got[1].cpu().numpy(), ref[1].numpy())
+
+
+@pytest.mark.skipif(INTERPRET, reason="the Triton interpreter's tl.dot mishandles bfloat16 operands")
+def test_bf16():
+    rng = np.random.default_rng(4)
+    qz, qg = make_arrays(rng, 5, [7, 33])
+    pz, pg = make_arrays(rng, 150, [7, 33])
+    s, i, arrs = run_backend(qz, qg, pz, pg, 8, "product", dtype=torch.bfloat16)
+    S = similarity64(*arrs, "product", "pcc")
+    assert_valid_topk(s.numpy(), i.numpy(), S, 8, tolerance(*arrs, "product", "pcc"))
+
+
+@pytest.mark.parametrize("tile_r", [1, 2])
+@pytest.mark.parametrize("combine", ["product", "sum", "features"])
+def test_exact_ties_go_to_smaller_index(combine, tile_r):
+    """Small-integer descriptors, normalize='none': every score exact in float32."""
+    rng = np.random.default_rng(5)
+    qz, qg = make_arrays(rng, 6, [3, 4], integer=True)
+    pz, pg = make_arrays(rng, 100, [3, 4], integer=True)
+    S = similarity64(qz, qg, pz, pg, combine, "none")
+    for k, splits in ((1, 3), (25, 2), (100, 1)):
+        s, i, _ = run_backend(qz, qg, pz, pg, k, combine, normalize="none", splits=splits, tile_r=tile_r)
+        best, order = topk64(S, k)
+        np.testing.assert_array_equal(s.numpy(), best)
+        np.testing.assert_array_equal(i.numpy(), order)
+
+
+@pytest.mark.parametrize("tile_r", [1, 2])
+@pytest.mark.parametrize("order", ["all_equal", "ascending", "descending"])
+def test_adversarial_orders(order, tile_r):
+    """Every score equal (ties to the smaller index, across splits), pool sorted from
+    worst to best (every tile evicts) and best to worst."""
+    N, k = 200, 20
+    q = np.ones((3, 4), np.float32)
+    if order == "all_equal":
+        pool = np.ones((N, 4), np.float32)
+    else:
+        val = np.arange(N, dtype=np.float32)[:, None]
+        pool = np.ones((N, 4), np.float32) * (val if order == "ascending" else val[::-1])
+    S = similarity64([q], None, [pool], None, "features", "none")
+    best, expected = topk64(S, k)
+    for splits in (1, 3):
+        s, i, _ = run_backend([q], [q], [pool], [pool], k, "features", normalize="none", splits=splits,
+                              tile_r=tile_r)
+        np.testing.assert_array_equal(i.numpy(), expected)
+        np.testing.assert_array_equal(s.numpy(), best)
+
+
+def test_index_offset_and_incoming_state():
+    """Two halves with an offset merge into one pass; a huge offset (past int32) too."""
+    rng = np.random.default_rng(6)
+    qz, qg = make_arrays(rng, 5, [3, 4], integer=True)
+    pz, pg = make_arrays(rng, 90, [3, 4], integer=True)
+    k = 12
+    S = similarity64(qz, qg, pz, pg, "product", "none")
+    best, order = topk64(S, k)
+    first = run_backend(qz, qg, [a[:37] for a in pz], [a[:37] for a in pg], k, "product", "none", splits=2)
+    both = run_backend(qz, qg, [a[37:] for a in pz], [a[37:] for a in pg], k, "product", "none", splits=2,
+                       offset=37, state=(first[0].to(DEVICE), first[1].to(DEVICE)))
+    np.testing.assert_array_equal(both[0].numpy(), best)
+    np.testing.assert_array_equal(both[1].numpy(), order)
+    big = 3_000_000_000
+    s, i, _ = run_backend(qz, qg, pz, pg, k, "product", "none", splits=2, offset=big)
+    np.testing.assert_array_equal(i.numpy(), order + big)
+    np.testing.assert_array_equal(s.numpy(), best)
+
+
+def test_fewer_pool_rows_than_k_leaves_empty_slots():
+    rng = np.random.default_rng(7)
+    qz, qg = make_arrays(rng, 2, [5])
+    pz, pg = make_arrays(rng, 3, [5])
+    s, i, _ = run_backend(qz, qg, pz, pg, 6, "product", splits=1)
+    assert (i[:, :3] >= 0).all() and (i[:, 3:] == -1).all()
+    assert torch.isinf(s[:, 3:]).all()
+
+
+def test_similarity_and_chunk_rows():
+    rng = np.random.default_rng(8)
+    q = torch.from_numpy(rng.standard_normal((3, 10)).astype(np.float32))
+    p = torch.from_numpy(rng.standard_normal((7, 10)).astype(np.float32))
+    np.testing.assert_allclose(tt.similarity(q, p, [5, 5], True).numpy(),
+                               reference.similarity(q, p, [5, 5], True).numpy())
+    assert tt.chunk_rows(10, 100) >= 4096
