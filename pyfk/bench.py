@@ -33,6 +33,7 @@ from pyfk.kernels import cpu as _cpu
 from pyfk.kernels import reference as _reference
 
 BASELINE = "materialise"
+APPROXIMATE = ("faiss_ann",)  # backends whose top-k is approximate: recall@k is reported, scores not checked
 _DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
 _BASELINE_LIMIT_BYTES = 8 << 30  # skip the baseline when its M x N float32 matrix is larger
 _GEMM_MAX_K = 4096
@@ -195,6 +196,16 @@ def check_scores(name: str, q: pyfk.Descriptors, p: pyfk.Descriptors, k: int, co
     return float(np.abs(got - want).max())
 
 
+def recall_vs_exact(name: str, q: pyfk.Descriptors, p: pyfk.Descriptors, k: int, combine: str) -> float:
+    """recall@k of an approximate backend against the exact answer (cpu backend, else torch)."""
+    from pyfk.kernels.faiss_backend import recall_at_k
+
+    exact = "cpu" if _cpu.IMPORT_ERROR is None else "torch"
+    want = np.asarray(pyfk.topk(q, p, k, combine=combine, normalize="pcc", backend=exact)[1])
+    got = np.asarray(_runner(name, q, p, k, combine)()[1])
+    return recall_at_k(got, want)
+
+
 def check_backends(names: Sequence[str]) -> None:
     """Raise ValueError for an unknown name, pyfk.BackendUnavailable for one that cannot run here."""
     rows = {r["name"]: r for r in pyfk.backends()}
@@ -313,14 +324,17 @@ def run_bench(M: int, N: int, widths: Sequence[int], k: int = 32, combine: str =
     rows = []
     for name in names:
         row = {"backend": name, "resolved": chosen.get(name, name), "seconds": None, "gflops": None,
-               "pct_gemm": None, "speedup": None, "peak_mib": None, "max_abs_diff": None, "note": ""}
+               "pct_gemm": None, "speedup": None, "peak_mib": None, "max_abs_diff": None, "recall": None,
+               "note": ""}
         rows.append(row)
         if name == BASELINE and M * N * 4 > _BASELINE_LIMIT_BYTES:
             row["note"] = f"skipped: the M x N matrix would take {M * N * 4 / (1 << 30):.1f} GiB"
             continue
-        if check:
+        if check and name not in APPROXIMATE:
             row["max_abs_diff"] = check_scores(name, q, p, k, combine)
         row.update(_measure(_runner(name, q, p, k, combine), repeats, peak))
+        if name in APPROXIMATE:
+            row["recall"] = recall_vs_exact(name, q, p, k, combine)
         row["gflops"] = result["flops"] / row["seconds"] / 1e9
         row["pct_gemm"] = 100.0 * row["gflops"] / result["gemm"]["gflops"]
 
@@ -349,7 +363,7 @@ def format_table(result: dict) -> str:
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
-    header = ("backend", "ms", "GFLOP/s", "%GEMM", "speed-up", "peak MiB")
+    header = ("backend", "ms", "GFLOP/s", "%GEMM", "speed-up", "peak MiB", f"recall@{a['k']}")
     table = [header]
     notes = []
     for r in result["rows"]:
@@ -357,7 +371,7 @@ def format_table(result: dict) -> str:
         ms = None if r["seconds"] is None else 1e3 * r["seconds"]
         table.append((name, fmt(ms, ".1f"), fmt(r["gflops"], ".1f"), fmt(r["pct_gemm"], ".0f"),
                       fmt(r["speedup"], ".2f") + ("x" if r["speedup"] is not None else ""),
-                      fmt(r["peak_mib"], ".0f")))
+                      fmt(r["peak_mib"], ".0f"), "exact" if r.get("recall") is None else f"{r['recall']:.3f}"))
         if r["note"]:
             notes.append(f"{r['backend']}: {r['note']}")
     cols = list(zip(*table))
@@ -372,7 +386,9 @@ def format_table(result: dict) -> str:
     if a["baseline"]:
         legend += f"speed-up: vs {BASELINE} (full M x N matrix + torch.topk); "
     if a["peak"]:
-        legend += "peak MiB: RSS growth during the (warm-up) call"
+        legend += "peak MiB: RSS growth during the (warm-up) call; "
+    if any(r.get("recall") is not None for r in result["rows"]):
+        legend += f"recall@{a['k']}: share of the exact top-{a['k']} an approximate backend found"
     lines.append(legend.rstrip("; "))
     lines += notes
     return "\n".join(lines)

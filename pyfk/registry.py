@@ -17,6 +17,7 @@ import torch
 from pyfk.descriptors import normalized_block
 from pyfk.kernels import cpu as _cpu
 from pyfk.kernels import cuda_select as _cuda
+from pyfk.kernels import faiss_backend as _faiss  # imports faiss itself only on first use
 from pyfk.kernels import reference as _reference
 from pyfk.kernels import triton_topk as _triton
 
@@ -46,6 +47,7 @@ class Backend:
     topk_update: Callable | None = None
     similarity: Callable | None = None
     chunk_rows: Callable[[int, int], int] | None = None
+    exact: bool = True  # False: an approximate top-k (recall@k < 1); never chosen by "auto"
 
     def unavailable_reason(self) -> str | None:
         return self.probe()
@@ -98,8 +100,14 @@ register(Backend("triton", ("cuda",), "fused Triton Hadamard-Gram top-k (tl.dot,
 register(Backend("cuda", ("cuda",), "torch GEMMs (Hadamard product of per-scale Grams) + CUDA k-selection "
                  "(pyfk._C_cuda: exact block select fused with the running top-k merge)",
                  _cuda.available, _cuda.registry_topk_update, _reference.similarity, _cuda.chunk_rows))
-register(Backend("faiss", ("cpu", "cuda"), "exact search over explicit Kronecker features",
-                 _probe_module("faiss", _planned("faiss backend: issue #4"))))
+register(Backend("faiss", ("cpu", "cuda"),
+                 f"exact: IndexFlatIP over explicit Kronecker features (up to {_faiss.KRON_MAX_WIDTH} columns), "
+                 "exact re-ranking", _faiss.available, _faiss.exact_topk_update, _faiss.similarity,
+                 _faiss.exact_chunk_rows))
+register(Backend("faiss_ann", ("cpu", "cuda"),
+                 "APPROXIMATE: TensorSketch + IVF/HNSW candidates, exact re-ranking (recall@k < 1; see AnnParams)",
+                 _faiss.available, _faiss.ann_topk_update, _faiss.similarity, _faiss.ann_chunk_rows,
+                 exact=False))
 
 # Preference order for backend="auto", per device type.
 _AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
@@ -111,7 +119,7 @@ def backends() -> list[dict]:
     for b in _REGISTRY.values():
         reason = b.unavailable_reason()
         rows.append({"name": b.name, "available": reason is None, "devices": list(b.devices),
-                     "description": b.description, "reason": reason or ""})
+                     "description": b.description, "reason": reason or "", "exact": b.exact})
     return rows
 
 

@@ -7,7 +7,7 @@ from pyfk.kernels import cpu as cpu_kernels
 
 
 def _available_cpu_backends():
-    return [b["name"] for b in pyfk.backends() if b["available"] and "cpu" in b["devices"]]
+    return [b["name"] for b in pyfk.backends() if b["available"] and "cpu" in b["devices"] and b["exact"]]
 
 
 CPU_BACKENDS = _available_cpu_backends()

@@ -96,6 +96,8 @@ def test_torch_in_torch_out(backend, torch_dtype):
 def test_large_offset_activations(backend, normalize):
     """Post-ReLU-like features with a mean far above their spread: the normalisation
     must not lose the signal to cancellation."""
+    if backend == "faiss":
+        pytest.skip("33^2 + 1024^2 explicit Kronecker columns exceed faiss_backend.KRON_MAX_WIDTH (by design)")
     rng = np.random.default_rng()
     z = [(rng.standard_normal((300, L)) * 0.5 + 1000).astype(np.float32) for L in (33, 1024)]
     g = [rng.standard_normal((300, L)).astype(np.float32) for L in (33, 1024)]
