@@ -105,6 +105,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _write_json(path, result: dict) -> None:
+    """Write a benchmark result dict as JSON (creating parent folders) when a path was given."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {path}")
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from pyfk.bench import format_table, run_bench  # imported late: `pyfk --help` stays fast
 
@@ -123,10 +131,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"pyfk bench: correctness check failed: {exc}", file=sys.stderr)
         return 1
     print(format_table(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    _write_json(args.json, result)
     return 0
 
 
@@ -517,10 +522,7 @@ def _cmd_bench_extract(args: argparse.Namespace) -> int:
         print(f"pyfk bench-extract: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     print(format_table(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    _write_json(args.json, result)
     return 0
 
 

@@ -51,3 +51,19 @@ def assert_valid_topk(scores, index, S, k, tol):
     np.testing.assert_allclose(np.take_along_axis(S, index, 1), scores, rtol=0, atol=tol)
     best, _ = topk64(S, k)
     np.testing.assert_allclose(scores, best, rtol=0, atol=tol)
+
+
+def tolerance(qz, qg, pz, pg, combine, normalize):
+    """Float32 error budget for R: 2e-5 x the largest possible sum of |R| terms."""
+    def biggest(a, b):
+        return (np.linalg.norm(normalize64(a, normalize), axis=1).max()
+                * np.linalg.norm(normalize64(b, normalize), axis=1).max())
+    total = 0.0
+    for j in range(len(qz)):
+        zz = biggest(qz[j], pz[j])
+        if combine == "features":
+            total += zz
+        else:
+            gg = biggest(qg[j], pg[j])
+            total += zz * gg if combine == "product" else zz + gg
+    return 2e-5 * total + 1e-6

@@ -13,7 +13,7 @@ import torch
 import pyfk
 from pyfk import registry
 from tests.conftest import as_float64, make_arrays, make_descriptors
-from tests.oracle import assert_valid_topk, normalize64, similarity64, topk64
+from tests.oracle import assert_valid_topk, similarity64, tolerance, topk64
 
 SHAPES = [
     # (M, N, widths, k)
@@ -23,23 +23,6 @@ SHAPES = [
     (37, 5003, [16, 16], 32), # several pool blocks per thread
     (9, 211, [1, 2, 64], 17), # width-1 scale
 ]
-
-
-def tolerance(qz, qg, pz, pg, combine, normalize):
-    """Float32 error budget: 2e-5 x the largest possible |R| term sum."""
-    def biggest(a, b):
-        na = np.linalg.norm(normalize64(a, normalize), axis=1).max()
-        nb = np.linalg.norm(normalize64(b, normalize), axis=1).max()
-        return na * nb
-    total = 0.0
-    for j in range(len(qz)):
-        zz = biggest(qz[j], pz[j])
-        if combine == "features":
-            total += zz
-        else:
-            gg = biggest(qg[j], pg[j])
-            total += zz * gg if combine == "product" else zz + gg
-    return 2e-5 * total + 1e-6
 
 
 def run_case(rng, backend, M, N, widths, k, combine, normalize, dtype=np.float32, kind="numpy",

@@ -23,7 +23,7 @@ from pyfk.descriptors import normalized_block  # noqa: E402
 from pyfk.kernels import reference  # noqa: E402
 from pyfk.kernels import triton_topk as tt  # noqa: E402
 from tests.conftest import make_arrays  # noqa: E402
-from tests.oracle import assert_valid_topk, normalize64, similarity64, topk64  # noqa: E402
+from tests.oracle import assert_valid_topk, similarity64, tolerance, topk64  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if tt.available() is not None:
@@ -58,22 +58,6 @@ def fast_interpreter_xor_sum():
 def empty_state(m, k):
     return (torch.full((m, k), float("-inf"), device=DEVICE),
             torch.full((m, k), -1, dtype=torch.int64, device=DEVICE))
-
-
-def tolerance(qz, qg, pz, pg, combine, normalize):
-    """2e-5 x the largest possible |R| term sum (as tests/test_topk.py)."""
-    def biggest(a, b):
-        return (np.linalg.norm(normalize64(a, normalize), axis=1).max()
-                * np.linalg.norm(normalize64(b, normalize), axis=1).max())
-    total = 0.0
-    for j in range(len(qz)):
-        zz = biggest(qz[j], pz[j])
-        if combine == "features":
-            total += zz
-        else:
-            gg = biggest(qg[j], pg[j])
-            total += zz * gg if combine == "product" else zz + gg
-    return 2e-5 * total + 1e-6
 
 
 def segments(z, g, combine):
