@@ -54,6 +54,7 @@ class Config:
     pseudo_label: str = "map"  # the paper's S = p(y|z): label of the most similar validation example
     k: int = 32
     mc_passes: int = 10
+    ensemble_size: int = 3  # members trained per round for the ensemble_* strategies (the first is the model)
     split_seed: int = 0
 
     @classmethod
@@ -72,7 +73,7 @@ class Config:
         bad = [s for s in self.strategies if s not in STRATEGIES]
         if bad:
             raise ValueError(f"strategies: unknown {bad}; expected some of {sorted(STRATEGIES)}")
-        for name in ("initial", "budget", "train_steps", "batch_size", "mc_passes", "k"):
+        for name in ("initial", "budget", "train_steps", "batch_size", "mc_passes", "k", "ensemble_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
@@ -215,7 +216,7 @@ class Run:
 PFK_FAMILY = ("pfk", "pfk_sum", "pcc")
 
 
-def _strategy_inputs(strategy, model, cfg, layers, pool_x, val_x, val_y, seed):
+def _strategy_inputs(strategy, model, cfg, layers, pool_x, val_x, val_y, seed, members=()):
     """What `strategy` reads, extracted from the current model: pool probabilities and
     BADGE factors always (one pass), PFK descriptors of the pool and validation set for
     the PFK family, MC-dropout probabilities for var_ratio / bald / std."""
@@ -235,6 +236,8 @@ def _strategy_inputs(strategy, model, cfg, layers, pool_x, val_x, val_y, seed):
     mc = None
     if strategy in ("var_ratio", "bald", "std"):
         mc = mc_dropout(model, pool_x, cfg.mc_passes, _seed_for(seed, 11))
+    elif strategy.startswith("ensemble_"):
+        mc = np.stack([predict(m, pool_x).numpy() for m in (model, *members)])
     inputs = PoolInputs.from_extraction(pool, mc_probs=mc, features=features)
     val, params = None, {}
     if strategy in PFK_FAMILY:
@@ -265,6 +268,12 @@ def run(cfg: Config, path: str, *, log=print, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
     bar = tqdm(total=total, initial=done, unit="round", desc="pyfk run", disable=not progress)
     pretrained = {}
+
+    def pretrained_init(seed):
+        if seed not in pretrained:
+            pretrained[seed] = rotation_pretrain(cfg, pool_x, ds.classes, seed)
+        return pretrained[seed]
+
     first_round = {}  # seed -> round-0 model: the same for every strategy (same labels, same seeds)
     for seed in cfg.seeds:
         for strategy in cfg.strategies:
@@ -282,9 +291,7 @@ def run(cfg: Config, path: str, *, log=print, progress: bool = True) -> dict:
                     model.load_state_dict(first_round[seed])
                 else:
                     if cfg.pretrain_rotation:
-                        if seed not in pretrained:
-                            pretrained[seed] = rotation_pretrain(cfg, pool_x, ds.classes, seed)
-                        model.load_state_dict(pretrained[seed], strict=False)
+                        model.load_state_dict(pretrained_init(seed), strict=False)
                     train(model, pool_x[labeled], pool_y[labeled], cfg.train_steps, cfg.batch_size, cfg.lr,
                           _seed_for(seed, r, 3))
                     if r == 0:
@@ -295,7 +302,17 @@ def run(cfg: Config, path: str, *, log=print, progress: bool = True) -> dict:
                           "selected": [], "selection_seconds": 0.0}
                 if r < cfg.rounds:
                     t0 = time.perf_counter()
-                    inputs, val, params = _strategy_inputs(strategy, model, cfg, layers, pool_x, val_x, val_y, seed)
+                    members = []
+                    if strategy.startswith("ensemble_"):  # extra members: same labels, other seeds
+                        for e in range(1, cfg.ensemble_size):
+                            torch.manual_seed(_seed_for(seed, r, 5, e))
+                            member = build_model(cfg.model, ds.x.shape[1], ds.classes, ds.x.shape[-1])
+                            if cfg.pretrain_rotation:
+                                member.load_state_dict(pretrained_init(seed), strict=False)
+                            members.append(train(member, pool_x[labeled], pool_y[labeled], cfg.train_steps,
+                                                 cfg.batch_size, cfg.lr, _seed_for(seed, r, 6, e)))
+                    inputs, val, params = _strategy_inputs(strategy, model, cfg, layers, pool_x, val_x, val_y, seed,
+                                                           members)
                     sel = strat.select(strategy, inputs, cfg.budget, labeled=labeled, seed=_seed_for(seed, r, 4),
                                        val=val, **params)
                     record["selection_seconds"] = round(time.perf_counter() - t0, 3)

@@ -62,6 +62,29 @@ def test_rounds_grow_the_labeled_set_without_repeats(tmp_path):
     assert state["runs"]["pfk/seed0"][0]["provenance"]["strategy"] == "pfk"
 
 
+def test_ensemble_strategies_get_member_probabilities(tmp_path, monkeypatch):
+    from pyfk import strategies
+
+    seen = []
+    real = strategies.select
+
+    def spy(name, pool, *a, **kw):
+        seen.append(pool.mc_probs)
+        return real(name, pool, *a, **kw)
+
+    monkeypatch.setattr(strategies, "select", spy)
+    cfg = al.Config.from_dict(dict(SMALL, seeds=[0], rounds=1, strategies=["ensemble_var_ratio", "ensemble_bald"],
+                                   ensemble_size=3, pretrain_rotation=True, pretrain_steps=5))
+    res = al.run(cfg, str(tmp_path / "e"), progress=False, log=lambda *a: None)
+    assert [m.shape[0] for m in seen] == [3, 3]
+    assert not np.allclose(seen[0][0], seen[0][1])  # members differ (other seeds)
+    state = json.loads((tmp_path / "e" / "state.json").read_text())
+    for key in ("ensemble_var_ratio/seed0", "ensemble_bald/seed0"):
+        first = state["runs"][key][0]
+        assert len(first["selected"]) == 6 and first["provenance"]["strategy"] == key.split("/")[0]
+    assert len(res["rows"]) == 4
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="config: unknown keys \\['budjet'\\]"):
         al.Config.from_dict({"budjet": 3})
