@@ -226,3 +226,14 @@ def test_large_float64_within_float32_range_is_fine():
     a = rng.standard_normal((6, 3)) * 1e30  # float64 sum is fine, values fit in float32
     s, _ = pyfk.topk(pyfk.Descriptors([a]), pyfk.Descriptors([a]), k=2, combine="features")
     assert np.isfinite(s).all()
+
+
+def test_huge_finite_float32_values_are_not_flagged():
+    """The fast check's float32 sum overflows here; the exact fallback must accept the data."""
+    a = np.full((8, 3), 3e38, np.float32)
+    a[::2] *= -1
+    pyfk.Descriptors([a]).check_finite("pool")
+    b = a.copy()
+    b[5, 1] = np.inf
+    with pytest.raises(ValueError, match=r"pool: z\[0\] contains NaN or Inf"):
+        pyfk.Descriptors([b]).check_finite("pool")

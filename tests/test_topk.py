@@ -227,3 +227,33 @@ def test_auto_backend_is_cpu_and_logged(caplog):
     qz, qg = make_arrays(rng, 2, [4])
     pyfk.topk(pyfk.Descriptors(qz, qg), pyfk.Descriptors(*make_arrays(rng, 10, [4])), k=3)
     assert "chose 'cpu'" in caplog.text
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("combine", ["product", "sum"])
+def test_cpu_few_queries_row_path_exact(cpu_isa, m, combine):
+    """M <= MR/2 takes the row-wise (GEMV) path of the cpu kernel: exact scores and
+    tie order on integer data, fp16 pool rows, a row list, several threads, and the
+    dense similarity rows that k-centre / coreset / badge use."""
+    from pyfk.kernels import cpu as cpu_kernels
+
+    rng = np.random.default_rng()
+    qz, qg = make_arrays(rng, m, [3, 20], integer=True)
+    pz, pg = make_arrays(rng, 3000, [3, 20], dtype=np.float16, integer=True)
+    q, p = pyfk.Descriptors(qz, qg), pyfk.Descriptors(pz, pg)
+    exclude = rng.choice(3000, size=300, replace=False)
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        try:
+            scores, index = pyfk.topk(q, p, k=40, combine=combine, normalize="none", backend="cpu", exclude=exclude)
+        finally:
+            torch.set_num_threads(2)
+        S = similarity64(qz, qg, pz, pg, combine, "none")
+        S[:, exclude] = -np.inf
+        best, order = topk64(S, 40)
+        np.testing.assert_array_equal(scores, best)
+        np.testing.assert_array_equal(index, order)
+    R = pyfk.similarity(q, p, combine=combine, normalize="pcc", backend="cpu")
+    np.testing.assert_allclose(R, similarity64(qz, qg, pz, pg, combine, "pcc"), rtol=0,
+                               atol=tolerance(qz, qg, pz, pg, combine, "pcc"))
+    assert cpu_kernels.DEFAULT_ISA == cpu_isa

@@ -174,29 +174,85 @@ static inline void normalize_row(float* x, int64_t w, Normalize mode) {
   for (int64_t k = 0; k < w; ++k) x[k] *= scale;
 }
 
+// Gather pool position `pos`, segment s, into x[0..w): convert to float32 and normalise.
+static inline void load_pool_row(const PoolView& pool, int64_t pos, size_t s, int64_t w, float* x) {
+  const Segment& seg = pool.segs[s];
+  const int64_t row = pool.rows ? pool.rows[pos] : pos;
+  if (seg.dtype == DType::f32) {
+    std::memcpy(x, static_cast<const float*>(seg.data) + row * seg.ld, w * sizeof(float));
+  } else {
+    const uint16_t* src = static_cast<const uint16_t*>(seg.data) + row * seg.ld;
+    for (int64_t k = 0; k < w; ++k) x[k] = half_to_float(src[k]);
+  }
+  normalize_row(x, w, pool.normalize);
+}
+
 // Pack pool positions [pos0, pos0 + count) into one NR-column panel: gather the
 // row, convert to float32, normalise each segment, store k-major; zero padded.
 static void pack_pool_panel(const PoolView& pool, int64_t pos0, int64_t count, const Layout& lay,
                             float* panel, std::vector<float>& tmp) {
   for (size_t s = 0; s < lay.widths.size(); ++s) {
-    const Segment& seg = pool.segs[s];
     const int64_t off = lay.offsets[s], w = lay.widths[s];
     float* dst = panel + NR * off;
     int64_t r = 0;
     for (; r < count; ++r) {
-      const int64_t row = pool.rows ? pool.rows[pos0 + r] : pos0 + r;
       float* x = tmp.data();
-      if (seg.dtype == DType::f32) {
-        std::memcpy(x, static_cast<const float*>(seg.data) + row * seg.ld, w * sizeof(float));
-      } else {
-        const uint16_t* src = static_cast<const uint16_t*>(seg.data) + row * seg.ld;
-        for (int64_t k = 0; k < w; ++k) x[k] = half_to_float(src[k]);
-      }
-      normalize_row(x, w, pool.normalize);
+      load_pool_row(pool, pos0 + r, s, w, x);
       for (int64_t k = 0; k < w; ++k) dst[k * NR + r] = x[k];
     }
     for (; r < NR; ++r)
       for (int64_t k = 0; k < w; ++k) dst[k * NR + r] = 0.0f;
+  }
+}
+
+// Few queries (m <= FEW): packing the pool into panels would cost more than the
+// arithmetic, so each pool row is loaded once (contiguous) and dotted with every
+// query row directly -- a memory-bound GEMV instead of a packed GEMM.
+constexpr int64_t FEW = MR / 2;
+
+static inline float vdot(const float* a, const float* b, int64_t w) {
+  vf acc{};
+  int64_t k = 0;
+  for (; k + VW <= w; k += VW) {
+    vf x, y;
+    std::memcpy(&x, a + k, sizeof x);
+    std::memcpy(&y, b + k, sizeof y);
+    acc += x * y;
+  }
+  float total = 0.0f;
+  for (int l = 0; l < VW; ++l) total += acc[l];
+  for (; k < w; ++k) total += a[k] * b[k];
+  return total;
+}
+
+// scores[i] = R(query i, normalised pool row x) for i < m; q is (m, D) row-major.
+static inline void row_scores(const float* q, int64_t m, const float* x, const Layout& lay, float* scores) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float* qi = q + i * lay.width;
+    if (!lay.product) {
+      scores[i] = vdot(qi, x, lay.width);
+      continue;
+    }
+    float total = 0.0f;
+    for (size_t s = 0; s + 1 < lay.widths.size(); s += 2) {
+      const int64_t oz = lay.offsets[s], og = lay.offsets[s + 1];
+      total += vdot(qi + oz, x + oz, lay.widths[s]) * vdot(qi + og, x + og, lay.widths[s + 1]);
+    }
+    scores[i] = total;
+  }
+}
+
+// Load every pool position in [p0, p1) as one normalised row and score it.
+template <class OnRow>
+static void sweep_rows(const float* q, int64_t m, const PoolView& pool, const Layout& lay, int64_t p0,
+                       int64_t p1, OnRow on_row) {
+  std::vector<float> x(static_cast<size_t>(lay.width));
+  float scores[FEW > 0 ? FEW : 1];
+  for (int64_t pos = p0; pos < p1; ++pos) {
+    for (size_t s = 0; s < lay.widths.size(); ++s)
+      load_pool_row(pool, pos, s, lay.widths[s], x.data() + lay.offsets[s]);
+    row_scores(q, m, x.data(), lay, scores);
+    on_row(pos, scores);
   }
 }
 
@@ -235,6 +291,22 @@ static void parallel_ranges(int64_t n, int64_t grain, int threads, F body) {
 void topk_update(const float* q, int64_t m, const PoolView& pool, const Layout& lay,
                  int64_t k, int64_t index_offset, float* scores, int64_t* index, int threads) {
   const int64_t n = pool.n;
+  if (m <= FEW) {
+    const int64_t grain = 1024;
+    const int64_t t_max = std::max<int64_t>(1, std::min<int64_t>(threads, (n + grain - 1) / grain));
+    std::vector<TopK> partial(t_max);
+    parallel_ranges(n, grain, static_cast<int>(t_max), [&](int t, int64_t p0, int64_t p1) {
+      TopK& heaps = partial[t];
+      heaps.init(m, k);
+      if (t == 0) heaps.seed(scores, index);
+      sweep_rows(q, m, pool, lay, p0, p1, [&](int64_t pos, const float* row) {
+        for (int64_t i = 0; i < m; ++i)
+          if (row[i] >= heaps.threshold(i)) heaps.push(i, row[i], index_offset + pos);
+      });
+    });
+    merge_into(partial, m, k, scores, index);
+    return;
+  }
   const int64_t max_w = *std::max_element(lay.widths.begin(), lay.widths.end());
   const std::vector<float> qpack = pack_queries(q, m, lay);
   const int64_t qpanels = (m + MR - 1) / MR;
@@ -292,6 +364,14 @@ void topk_update(const float* q, int64_t m, const PoolView& pool, const Layout& 
 void similarity(const float* q, int64_t m, const PoolView& pool, const Layout& lay,
                 float* out, int threads) {
   const int64_t n = pool.n;
+  if (m <= FEW) {
+    parallel_ranges(n, 1024, threads, [&](int, int64_t p0, int64_t p1) {
+      sweep_rows(q, m, pool, lay, p0, p1, [&](int64_t pos, const float* row) {
+        for (int64_t i = 0; i < m; ++i) out[i * n + pos] = row[i];
+      });
+    });
+    return;
+  }
   const int64_t max_w = *std::max_element(lay.widths.begin(), lay.widths.end());
   const std::vector<float> qpack = pack_queries(q, m, lay);
   const int64_t qpanels = (m + MR - 1) / MR;
