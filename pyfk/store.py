@@ -88,6 +88,16 @@ def _as_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
+def _check_meta(meta) -> dict:
+    """A JSON round-tripped copy of `meta` (a dict of JSON-serialisable values)."""
+    if not isinstance(meta, dict):
+        raise TypeError(f"meta: expected a dict, got {type(meta).__name__}")
+    try:
+        return json.loads(json.dumps(meta, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"meta: must be JSON-serialisable ({exc})") from None
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -147,14 +157,7 @@ class DescriptorStore:
         n = int(n)
         if not isinstance(arrays, dict) or not arrays:
             raise ValueError(f"arrays: expected a non-empty dict name -> (shape_tail, dtype), got {arrays!r}")
-        if meta is None:
-            meta = {}
-        if not isinstance(meta, dict):
-            raise TypeError(f"meta: expected a dict, got {type(meta).__name__}")
-        try:
-            meta = json.loads(json.dumps(meta, allow_nan=False))
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"meta: must be JSON-serialisable ({exc})") from None
+        meta = _check_meta({} if meta is None else meta)
         specs = {}
         for name, spec in arrays.items():
             _check_name(name)
@@ -384,12 +387,7 @@ class DescriptorStore:
         if rows_done > self.n:
             raise ValueError(f"commit: rows_done={rows_done} is past the end of the store (n={self.n})")
         if meta is not None:
-            if not isinstance(meta, dict):
-                raise TypeError(f"meta: expected a dict, got {type(meta).__name__}")
-            try:
-                meta = json.loads(json.dumps(meta, allow_nan=False))
-            except (TypeError, ValueError) as exc:
-                raise TypeError(f"meta: must be JSON-serialisable ({exc})") from None
+            meta = _check_meta(meta)
         for mm in self._arrays.values():
             mm.flush()
         manifest = dict(self._manifest, rows_done=rows_done, complete=rows_done == self.n)

@@ -128,7 +128,7 @@ static inline float half_to_float(uint16_t h) {
   return f;
 }
 
-// Sum of (x[k] - shift) and of x[k]^2 over k < w, in float32 with VW-wide
+// Sum of (x[k] - shift) over k < w, in float32 with VW-wide
 // partial sums (vectorised, unlike a double accumulator). Shifting by a sample
 // value keeps the mean accurate when it is large against the spread.
 static inline float vsum(const float* x, int64_t w, float shift) {
@@ -146,17 +146,19 @@ static inline float vsum(const float* x, int64_t w, float shift) {
   return total;
 }
 
-static inline float vsumsq(const float* x, int64_t w) {
+// Dot product of a[0..w) and b[0..w) with VW-wide partial sums (vdot(x, x) = |x|^2).
+static inline float vdot(const float* a, const float* b, int64_t w) {
   vf acc{};
   int64_t k = 0;
   for (; k + VW <= w; k += VW) {
-    vf v;
-    std::memcpy(&v, x + k, sizeof v);
-    acc += v * v;
+    vf x, y;
+    std::memcpy(&x, a + k, sizeof x);
+    std::memcpy(&y, b + k, sizeof y);
+    acc += x * y;
   }
   float total = 0.0f;
   for (int l = 0; l < VW; ++l) total += acc[l];
-  for (; k < w; ++k) total += x[k] * x[k];
+  for (; k < w; ++k) total += a[k] * b[k];
   return total;
 }
 
@@ -168,7 +170,7 @@ static inline void normalize_row(float* x, int64_t w, Normalize mode) {
     const float mean = x[0] + vsum(x, w, x[0]) / static_cast<float>(w);
     for (int64_t k = 0; k < w; ++k) x[k] -= mean;
   }
-  float norm = std::sqrt(vsumsq(x, w));
+  float norm = std::sqrt(vdot(x, x, w));
   if (mode == Normalize::pcc) norm /= std::sqrt(static_cast<float>(w));
   const float scale = 1.0f / (norm + 1e-10f);
   for (int64_t k = 0; k < w; ++k) x[k] *= scale;
@@ -209,21 +211,6 @@ static void pack_pool_panel(const PoolView& pool, int64_t pos0, int64_t count, c
 // arithmetic, so each pool row is loaded once (contiguous) and dotted with every
 // query row directly -- a memory-bound GEMV instead of a packed GEMM.
 constexpr int64_t FEW = MR / 2;
-
-static inline float vdot(const float* a, const float* b, int64_t w) {
-  vf acc{};
-  int64_t k = 0;
-  for (; k + VW <= w; k += VW) {
-    vf x, y;
-    std::memcpy(&x, a + k, sizeof x);
-    std::memcpy(&y, b + k, sizeof y);
-    acc += x * y;
-  }
-  float total = 0.0f;
-  for (int l = 0; l < VW; ++l) total += acc[l];
-  for (; k < w; ++k) total += a[k] * b[k];
-  return total;
-}
 
 // scores[i] = R(query i, normalised pool row x) for i < m; q is (m, D) row-major.
 static inline void row_scores(const float* q, int64_t m, const float* x, const Layout& lay, float* scores) {
