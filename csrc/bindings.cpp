@@ -23,7 +23,10 @@ bool cpu_has(const char* feature) {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   if (std::string(feature) == "avx512")
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+    // Every feature named in kernel_avx512.cpp's PYFK_TARGET.
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (std::string(feature) == "avx2")
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif

@@ -1,6 +1,9 @@
 // avx2 instantiation of the fused kernels (see kernel_impl.hpp).
 #define PYFK_ISA avx2
 #define PYFK_ISA_NAME "avx2"
+#if defined(__x86_64__) || defined(__i386__)  // elsewhere: portable code, never selected
+#define PYFK_TARGET "avx2,fma"
+#endif
 #define PYFK_VW 8
 #define PYFK_MR 6
 #define PYFK_NRV 2

@@ -1,6 +1,9 @@
 // avx512 instantiation of the fused kernels (see kernel_impl.hpp).
 #define PYFK_ISA avx512
 #define PYFK_ISA_NAME "avx512"
+#if defined(__x86_64__) || defined(__i386__)  // elsewhere: portable code, never selected
+#define PYFK_TARGET "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"
+#endif
 #define PYFK_VW 16
 #define PYFK_MR 8
 #define PYFK_NRV 3

@@ -15,6 +15,15 @@
 // items into NR-column panels; each segment of a panel is stored k-major
 // ([w_s][MR] resp. [w_s][NR]) so the micro-kernel broadcasts one query value
 // and multiplies it into NRV pool vectors.
+//
+// Instruction sets. The ISA files are NOT compiled with -mavx512f/-mavx2: every
+// header (the standard library, kernel_api.hpp) is parsed with the baseline
+// flags and only the code below, all of it inside namespace pyfk::PYFK_ISA, is
+// compiled for PYFK_TARGET via `#pragma GCC target`. Compiling a whole file
+// with -m flags made GCC emit std::vector/std::thread template instances with
+// AVX-512 instructions; those instances are shared (COMDAT/ODR) between the
+// three files, the linker kept one, and the avx2/generic kernels crashed with
+// SIGILL on CPUs without AVX-512 (seen on an AMD EPYC with AVX2 only).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -24,6 +33,13 @@
 #include <vector>
 
 #include "kernel_api.hpp"
+
+#ifdef PYFK_TARGET
+#define PYFK_PRAGMA(x) _Pragma(#x)
+#define PYFK_TARGET_PRAGMA(t) PYFK_PRAGMA(GCC target(t))
+#pragma GCC push_options
+PYFK_TARGET_PRAGMA(PYFK_TARGET)
+#endif
 
 namespace pyfk {
 namespace PYFK_ISA {
@@ -394,3 +410,7 @@ extern const Kernels kernels = {&topk_update, &similarity, MR, NR, PYFK_ISA_NAME
 
 }  // namespace PYFK_ISA
 }  // namespace pyfk
+
+#ifdef PYFK_TARGET
+#pragma GCC pop_options
+#endif
