@@ -138,8 +138,8 @@ def kernel_checks(failures: list) -> list:
     """The raw CUDA kernels against torch on packed keys; results must be identical."""
     import torch
 
-    from pyfk.kernels import cuda_select as cs
-    from pyfk.kernels.reference import pack_keys, unpack_keys
+    from pyfk.engine.kernels import cuda as cs
+    from pyfk.engine.kernels.torch import pack_keys, unpack_keys
 
     rows_out = []
     dev = torch.device(DEVICE)
@@ -459,7 +459,7 @@ def main(argv=None) -> int:
     except ImportError:  # not installed: the source tree (its extensions built in place, if at all)
         sys.path.insert(0, str(ROOT))
         import pyfk
-    from pyfk.kernels import cuda_select
+    from pyfk.engine.kernels import cuda as cuda_select
 
     log(f"pyfk {pyfk.__version__} from {Path(pyfk.__file__).parent}")
     log(f"versions: {json.dumps(versions())}")

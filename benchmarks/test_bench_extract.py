@@ -16,8 +16,8 @@ import functools
 import pytest
 import torch
 
+from pyfk.al.models import default_layers
 from pyfk.bench_extract import CONFIGS, _Setup, make_loader, make_model, run_extract, run_forward, run_plain
-from pyfk.models import default_layers
 
 BATCH = 128
 

@@ -18,11 +18,11 @@ import pytest
 
 import pyfk
 
-faiss_backend = pytest.importorskip("pyfk.kernels.faiss_backend")
+faiss_backend = pytest.importorskip("pyfk.engine.kernels.faiss")
 if faiss_backend.available() is not None:
     pytest.skip(faiss_backend.available(), allow_module_level=True)
 
-from pyfk.descriptors import normalized_block, segments  # noqa: E402
+from pyfk.engine.descriptors import normalized_block, segments  # noqa: E402
 
 K = 32
 COMBINE = "product"

@@ -8,13 +8,13 @@
 """
 
 from pyfk._version import __version__
+from pyfk.al.strategies import STRATEGIES, PoolInputs, Selection, ValInputs
+from pyfk.al.strategies import select as acquire
 from pyfk.api import select, similarity, topk
-from pyfk.descriptors import Descriptors
-from pyfk.extract import Extraction, extract
-from pyfk.registry import BackendUnavailable, backends
-from pyfk.store import DescriptorStore
-from pyfk.strategies import STRATEGIES, PoolInputs, Selection, ValInputs
-from pyfk.strategies import select as acquire
+from pyfk.engine.descriptors import Descriptors
+from pyfk.engine.registry import BackendUnavailable, backends
+from pyfk.features.extract import Extraction, extract
+from pyfk.features.store import DescriptorStore
 
 __all__ = ["Descriptors", "Extraction", "extract", "topk", "similarity", "select", "backends",
            "BackendUnavailable", "DescriptorStore", "acquire", "STRATEGIES", "PoolInputs", "ValInputs",

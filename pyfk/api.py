@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pyfk.descriptors import COMBINES, NORMALIZES, Descriptors, normalized_block, segments
-from pyfk.registry import resolve
+from pyfk.engine.descriptors import COMBINES, NORMALIZES, Descriptors, normalized_block, segments
+from pyfk.engine.registry import resolve
 
 # Show a progress bar (when stderr is a terminal) for searches above this many flops.
 _PROGRESS_FLOPS = 2e12
@@ -42,8 +42,8 @@ def _check_descriptors(d, name: str) -> Descriptors:
     """Descriptors as given, or those of a DescriptorStore (memmaps, streamed) or an Extraction."""
     if isinstance(d, Descriptors):
         return d
-    from pyfk.extract import Extraction
-    from pyfk.store import DescriptorStore
+    from pyfk.features.extract import Extraction
+    from pyfk.features.store import DescriptorStore
 
     if isinstance(d, DescriptorStore):
         return d.descriptors()

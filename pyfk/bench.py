@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 import pyfk
-from pyfk.descriptors import COMBINES, normalized_block, segments
-from pyfk.kernels import cpu as _cpu
-from pyfk.kernels import reference as _reference
+from pyfk.engine.descriptors import COMBINES, normalized_block, segments
+from pyfk.engine.kernels import cpu as _cpu
+from pyfk.engine.kernels import torch as _reference
 
 BASELINE = "materialise"
 APPROXIMATE = ("faiss_ann",)  # backends whose top-k is approximate: recall@k is reported, scores not checked
@@ -198,7 +198,7 @@ def check_scores(name: str, q: pyfk.Descriptors, p: pyfk.Descriptors, k: int, co
 
 def recall_vs_exact(name: str, q: pyfk.Descriptors, p: pyfk.Descriptors, k: int, combine: str) -> float:
     """recall@k of an approximate backend against the exact answer (cpu backend, else torch)."""
-    from pyfk.kernels.faiss_backend import recall_at_k
+    from pyfk.engine.kernels.faiss import recall_at_k
 
     exact = "cpu" if _cpu.IMPORT_ERROR is None else "torch"
     want = np.asarray(pyfk.topk(q, p, k, combine=combine, normalize="pcc", backend=exact)[1])

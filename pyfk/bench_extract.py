@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyfk
+from pyfk.al.models import MODELS, default_layers
 from pyfk.bench import machine_info
-from pyfk.models import MODELS, default_layers
 
 TARGET = 0.85
 CONFIGS = {

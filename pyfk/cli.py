@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from pyfk import BackendUnavailable, __version__
-from pyfk.descriptors import COMBINES
+from pyfk.engine.descriptors import COMBINES
 
 # Defaults of `pyfk bench` (the size) and of `pyfk bench --quick`.
 _FULL = {"M": 1000, "N": 50000, "widths": [64, 128, 256, 512]}
@@ -298,7 +298,7 @@ def _strip_prefix(sd: dict) -> dict:
 def _build(arch: str, sd: dict, classes):
     import inspect
 
-    from pyfk import models
+    from pyfk.al import models
 
     if arch in models.MODELS:
         kwargs = {}
@@ -356,7 +356,7 @@ def _load_weights(model, sd: dict, what: str) -> None:
 
 
 def _model_and_layers(args):
-    from pyfk import models
+    from pyfk.al import models
 
     module, sd = _load_checkpoint(args.model)
     arch = args.arch
@@ -398,7 +398,7 @@ def _device(text):
 
 
 def _rows_done(path: str) -> int:
-    from pyfk.store import DescriptorStore
+    from pyfk.features.store import DescriptorStore
 
     if not os.path.exists(os.path.join(path, "manifest.json")):
         return 0
@@ -425,7 +425,7 @@ def _run_extract(args) -> int:
     from torch.utils.data import DataLoader
 
     import pyfk
-    from pyfk.imagedata import Normalized, load_dataset
+    from pyfk.al.imagedata import Normalized, load_dataset
 
     if args.num_workers < 0:
         raise _UserError(f"--num-workers: expected >= 0, got {args.num_workers}")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import pyfk
-from pyfk.kernels import cpu as cpu_kernels
+from pyfk.engine.kernels import cpu as cpu_kernels
 
 
 def _available_cpu_backends():

@@ -63,7 +63,7 @@ def test_rounds_grow_the_labeled_set_without_repeats(tmp_path):
 
 
 def test_ensemble_strategies_get_member_probabilities(tmp_path, monkeypatch):
-    from pyfk import strategies
+    from pyfk.al import strategies
 
     seen = []
     real = strategies.select

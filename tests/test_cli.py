@@ -11,10 +11,10 @@ import torch
 from torch.utils.data import DataLoader
 
 import pyfk
+from pyfk.al.imagedata import ImageFolderDataset, TensorFileDataset
+from pyfk.al.models import LeNet, ResNet18, default_layers
 from pyfk.cli import main
-from pyfk.imagedata import ImageFolderDataset, TensorFileDataset
-from pyfk.models import LeNet, ResNet18, default_layers
-from pyfk.store import DescriptorStore
+from pyfk.features.store import DescriptorStore
 
 PIL = pytest.importorskip("PIL.Image")
 

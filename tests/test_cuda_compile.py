@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from pyfk.kernels import cuda_select as cs
-from pyfk.kernels import reference
+from pyfk.engine.kernels import cuda as cs
+from pyfk.engine.kernels import torch as reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"

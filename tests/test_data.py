@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pyfk import data
+from pyfk.al import data
 
 
 @pytest.mark.parametrize("imbalance, expected_minority", [(100, 4), (10, 38), (1, 380), (1000, 1)])

@@ -174,7 +174,7 @@ def test_unavailable_backend_names_the_missing_piece(data):
 
 
 def test_cuda_only_backend_on_cpu_tensors_when_available(data, monkeypatch):
-    from pyfk import registry
+    from pyfk.engine import registry
 
     q, p = data
     monkeypatch.setitem(registry._REGISTRY, "fake_gpu", registry.Backend(

@@ -247,7 +247,7 @@ def test_store_resume_equals_uninterrupted(tmp_path, badge):
     whole = pyfk.extract(model, loader_of(x, y, 4), layers, store=tmp_path / "whole", **kw)
     with pytest.raises(RuntimeError, match="loader died"):
         pyfk.extract(model, FailingLoader(loader_of(x, y, 4), 3), layers, store=tmp_path / "cut", **kw)
-    from pyfk.store import DescriptorStore
+    from pyfk.features.store import DescriptorStore
     partial = DescriptorStore.open(tmp_path / "cut")
     assert partial.rows_done == 12 and not partial.complete
     resumed = pyfk.extract(model, loader_of(x, y, 4), layers, store=tmp_path / "cut", **kw)

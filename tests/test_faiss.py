@@ -11,8 +11,8 @@ pytest.importorskip("faiss")
 from oracle import assert_valid_topk, similarity64  # noqa: E402
 
 import pyfk  # noqa: E402
-from pyfk.descriptors import normalized_block, segments  # noqa: E402
-from pyfk.kernels import faiss_backend as fb  # noqa: E402
+from pyfk.engine.descriptors import normalized_block, segments  # noqa: E402
+from pyfk.engine.kernels import faiss as fb  # noqa: E402
 
 ANN_RECALL_FLOOR = 0.9  # recall@10 of faiss_ann on the clustered set below (measured ~0.99)
 

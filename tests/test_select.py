@@ -90,8 +90,8 @@ def k_centre_oracle(R, count, start):
 
 def test_k_centre_matches_brute_force(backend):
     from pyfk.api import k_centre
-    from pyfk.descriptors import normalized_block, segments
-    from pyfk.registry import resolve
+    from pyfk.engine.descriptors import normalized_block, segments
+    from pyfk.engine.registry import resolve
 
     rng = np.random.default_rng()
     vz, vg = make_arrays(rng, 60, [3, 4], integer=True)

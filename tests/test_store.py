@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import pyfk
-from pyfk.store import DescriptorStore
+from pyfk.features.store import DescriptorStore
 
 WIDTHS = (16, 8)
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import pyfk
-from pyfk import strategies as st
-from pyfk.store import DescriptorStore
-from pyfk.strategies import PoolInputs, ValInputs, select
+from pyfk.al import strategies as st
+from pyfk.al.strategies import PoolInputs, ValInputs, select
+from pyfk.features.store import DescriptorStore
 from tests.conftest import make_arrays
 from tests.oracle import normalize64
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pyfk
-from pyfk import registry
+from pyfk.engine import registry
 from tests.conftest import as_float64, make_arrays, make_descriptors
 from tests.oracle import assert_valid_topk, similarity64, tolerance, topk64
 
@@ -157,7 +157,7 @@ def test_chunked_pool_and_exclude(backend, monkeypatch):
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
 def test_cpu_thread_split_is_exact(threads):
     """The per-thread heaps merge to the same answer whatever the split."""
-    from pyfk.kernels import cpu as cpu_kernels
+    from pyfk.engine.kernels import cpu as cpu_kernels
 
     rng = np.random.default_rng()
     q = torch.from_numpy(rng.standard_normal((23, 24)).astype(np.float32))
@@ -166,7 +166,7 @@ def test_cpu_thread_split_is_exact(threads):
     parts = [p[:, 0:8], p[:, 8:16], p[:, 16:20], p[:, 20:24]]  # strided column views
     s0 = torch.full((23, k), float("-inf"))
     i0 = torch.full((23, k), -1, dtype=torch.int64)
-    ref_s, ref_i = pyfk.kernels.reference.topk_update(q, p, widths, True, k, 0, s0.clone(), i0.clone())
+    ref_s, ref_i = pyfk.engine.kernels.torch.topk_update(q, p, widths, True, k, 0, s0.clone(), i0.clone())
     s, i = cpu_kernels.topk_update(q, parts, slice(None), "none", widths, True, k, 0, s0.clone(), i0.clone(),
                                    threads=threads)
     np.testing.assert_allclose(s.numpy(), ref_s.numpy(), rtol=1e-5, atol=1e-4)
@@ -177,7 +177,7 @@ def test_cpu_thread_split_is_exact(threads):
 
 def test_index_offset_and_seeded_state(backend):
     """Feeding the pool in two halves with an index offset equals one pass."""
-    from pyfk.registry import resolve
+    from pyfk.engine.registry import resolve
 
     b = resolve(backend, torch.device("cpu"))
     rng = np.random.default_rng()
@@ -235,7 +235,7 @@ def test_cpu_few_queries_row_path_exact(cpu_isa, m, combine):
     """M <= MR/2 takes the row-wise (GEMV) path of the cpu kernel: exact scores and
     tie order on integer data, fp16 pool rows, a row list, several threads, and the
     dense similarity rows that k-centre / coreset / badge use."""
-    from pyfk.kernels import cpu as cpu_kernels
+    from pyfk.engine.kernels import cpu as cpu_kernels
 
     rng = np.random.default_rng()
     qz, qg = make_arrays(rng, m, [3, 20], integer=True)

@@ -19,9 +19,9 @@ import pytest  # noqa: E402
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-from pyfk.descriptors import normalized_block  # noqa: E402
-from pyfk.kernels import reference  # noqa: E402
-from pyfk.kernels import triton_topk as tt  # noqa: E402
+from pyfk.engine.descriptors import normalized_block  # noqa: E402
+from pyfk.engine.kernels import torch as reference  # noqa: E402
+from pyfk.engine.kernels import triton as tt  # noqa: E402
 from tests.conftest import make_arrays  # noqa: E402
 from tests.oracle import assert_valid_topk, similarity64, tolerance, topk64  # noqa: E402
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pyfk.descriptors import Descriptors
+from pyfk.engine.descriptors import Descriptors
 
 PSEUDO_LABELS = ("argmax", "true", "map", "mc")
 
@@ -250,7 +250,7 @@ def extract(model: torch.nn.Module, loader, layers, pseudo_label: str = "argmax"
         channels_last = cuda
 
     if store is not None:
-        from pyfk.extract_store import StoreWriter
+        from pyfk.features.writer import StoreWriter
         config = dict(layers=list(layers), pseudo_label=pseudo_label, with_true=with_true, badge=badge,
                       badge_layer=badge_layer, projection=projection, seed=seed, dtype=dtype,
                       mc=[mc_passes, mc_degrees, mc_brightness] if pseudo_label == "mc" else None)

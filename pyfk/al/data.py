@@ -110,7 +110,7 @@ def _svhn(root: str) -> Dataset:
 
 
 def _folder(root: str) -> Dataset:
-    from pyfk.imagedata import ImageFolderDataset
+    from pyfk.al.imagedata import ImageFolderDataset
 
     folder = ImageFolderDataset(root)
     images = [folder.load(i).numpy() for i in range(len(folder))]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from pyfk import data as datasets
+from pyfk.al import data as datasets
 
 DEFAULT_STRATEGIES = ["random", "entropy", "var_ratio", "coreset", "badge", "pfk"]
 
@@ -68,7 +68,7 @@ class Config:
         return cfg
 
     def validate(self) -> None:
-        from pyfk.strategies import STRATEGIES
+        from pyfk.al.strategies import STRATEGIES
 
         bad = [s for s in self.strategies if s not in STRATEGIES]
         if bad:
@@ -86,7 +86,7 @@ class Config:
 # ----------------------------------------------------------------------------- model + training
 
 def build_model(name: str, in_channels: int, classes: int, size: int) -> torch.nn.Module:
-    from pyfk import models
+    from pyfk.al import models
 
     if name not in models.MODELS:
         raise ValueError(f"model: expected one of {sorted(models.MODELS)}, got {name!r}")
@@ -221,7 +221,7 @@ def _strategy_inputs(strategy, model, cfg, layers, pool_x, val_x, val_y, seed, m
     BADGE factors always (one pass), PFK descriptors of the pool and validation set for
     the PFK family, MC-dropout probabilities for var_ratio / bald / std."""
     import pyfk
-    from pyfk.strategies import PoolInputs, ValInputs
+    from pyfk.al.strategies import PoolInputs, ValInputs
 
     val_ext = None
     if strategy in PFK_FAMILY or cfg.pseudo_label == "map":
@@ -248,7 +248,7 @@ def _strategy_inputs(strategy, model, cfg, layers, pool_x, val_x, val_y, seed, m
 
 def run(cfg: Config, path: str, *, log=print, progress: bool = True) -> dict:
     """Run (or resume) every strategy x seed; returns the results dict also saved as JSON."""
-    from pyfk import strategies as strat
+    from pyfk.al import strategies as strat
 
     cfg.validate()
     ds = datasets.load(cfg.dataset, cfg.root)
@@ -327,7 +327,7 @@ def run(cfg: Config, path: str, *, log=print, progress: bool = True) -> dict:
 
 
 def _default_layers(model_name: str) -> list:
-    from pyfk import models
+    from pyfk.al import models
 
     return models.default_layers(model_name)
 

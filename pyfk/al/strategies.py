@@ -49,12 +49,12 @@ import numpy as np
 import torch
 
 from pyfk import api
-from pyfk.descriptors import NORMALIZES, Descriptors, normalized_block, segments
-from pyfk.registry import resolve
+from pyfk.engine.descriptors import NORMALIZES, Descriptors, normalized_block, segments
+from pyfk.engine.registry import resolve
 
 if TYPE_CHECKING:
-    from pyfk.extract import Extraction
-    from pyfk.store import DescriptorStore
+    from pyfk.features.extract import Extraction
+    from pyfk.features.store import DescriptorStore
 
 # Rows x columns processed at once when streaming probabilities (float64 temporaries).
 _PROB_CHUNK = 1 << 22

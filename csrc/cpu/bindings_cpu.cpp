@@ -8,7 +8,7 @@
 #include <string>
 #include <thread>
 
-#include "cpu/kernel_api.hpp"
+#include "kernel_api.hpp"
 
 namespace py = pybind11;
 using pyfk::Kernels;

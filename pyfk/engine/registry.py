@@ -14,12 +14,12 @@ from typing import Callable
 
 import torch
 
-from pyfk.descriptors import normalized_block
-from pyfk.kernels import cpu as _cpu
-from pyfk.kernels import cuda_select as _cuda
-from pyfk.kernels import faiss_backend as _faiss  # imports faiss itself only on first use
-from pyfk.kernels import reference as _reference
-from pyfk.kernels import triton_topk as _triton
+from pyfk.engine.descriptors import normalized_block
+from pyfk.engine.kernels import cpu as _cpu
+from pyfk.engine.kernels import cuda as _cuda
+from pyfk.engine.kernels import faiss as _faiss  # imports faiss itself only on first use
+from pyfk.engine.kernels import torch as _reference
+from pyfk.engine.kernels import triton as _triton
 
 log = logging.getLogger("pyfk")
 

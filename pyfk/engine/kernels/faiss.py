@@ -64,8 +64,8 @@ import threading
 import numpy as np
 import torch
 
-from pyfk.descriptors import normalized_block
-from pyfk.kernels import reference as _reference
+from pyfk.engine.descriptors import normalized_block
+from pyfk.engine.kernels import torch as _reference
 
 faiss = None  # the faiss module, imported on first use: `import pyfk` stays light
 IMPORT_ERROR: str | None = None  # why importing faiss failed, once tried
@@ -332,7 +332,7 @@ def _exact_fallback(q, parts, sel, normalize, widths, product, k):
     m = q.shape[0]
     s0 = torch.full((m, k), float("-inf"), dtype=torch.float32)
     i0 = torch.full((m, k), -1, dtype=torch.int64)
-    from pyfk.kernels import cpu as _cpu
+    from pyfk.engine.kernels import cpu as _cpu
     if _cpu.IMPORT_ERROR is None and q.device.type == "cpu":
         return _cpu.topk_update(q, parts, sel, normalize, widths, product, k, 0, s0, i0)
     p = normalized_block(parts, sel, normalize, device=q.device)

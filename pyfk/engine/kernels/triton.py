@@ -50,8 +50,8 @@ import os
 
 import torch
 
-from pyfk.descriptors import normalized_block
-from pyfk.kernels import reference as _reference
+from pyfk.engine.descriptors import normalized_block
+from pyfk.engine.kernels import torch as _reference
 
 # triton is imported on first use (`_load`), never at import time: the interpreter
 # (TRITON_INTERPRET=1) only works when it is set before triton is first imported.

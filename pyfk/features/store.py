@@ -33,7 +33,7 @@ import re
 import numpy as np
 from numpy.lib import format as npy_format
 
-from pyfk.descriptors import Descriptors
+from pyfk.engine.descriptors import Descriptors
 
 FORMAT = "pyfk-store"
 VERSION = 1

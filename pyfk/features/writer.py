@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, SequentialSampler, Subset
 
-from pyfk.store import DescriptorStore
+from pyfk.features.store import DescriptorStore
 
 
 def _np(t):
@@ -117,7 +117,7 @@ class StoreWriter:
         return self.extraction()
 
     def extraction(self):
-        from pyfk.extract import Extraction
+        from pyfk.features.extract import Extraction
 
         store = DescriptorStore.open(self.path, "r")
         return extraction_from_store(store, Extraction)
@@ -126,7 +126,7 @@ class StoreWriter:
 def extraction_from_store(store: DescriptorStore, cls=None):
     """An Extraction whose arrays are the store's memmaps (read-only views)."""
     if cls is None:
-        from pyfk.extract import Extraction as cls
+        from pyfk.features.extract import Extraction as cls
     names = set(store.names)
     labels = store.rows("labels")
     grad_true = store.descriptors(g_prefix="g_true") if "g_true0" in names else None

@@ -4,7 +4,7 @@ Per pool tile of T rows, the (M, T) float32 scores are the Hadamard product of t
 per-scale Grams (product) or one Gram (dot), computed with torch GEMMs; the exact
 top-k is then selected by `_C_cuda.select_topk` (csrc/cuda/kselect.cu), which merges
 the tile straight into the running (M, k) state of packed int64 keys (the key space of
-`pyfk.kernels.reference`: ties go to the smaller pool index) -- no torch.topk, no
+`pyfk.engine.kernels.torch`: ties go to the smaller pool index) -- no torch.topk, no
 (M, T) key tensor. `merge_keys` merges two sorted key lists for callers that keep
 tile results apart.
 
@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from pyfk.kernels import reference as _reference
+from pyfk.engine.kernels import torch as _reference
 
 try:
     from pyfk import _C_cuda
@@ -140,7 +140,7 @@ def topk_update(q, p, widths, product, k, index_offset, scores, index, *, gemm_d
     """Merge the top-k of q x p (pool rows numbered from index_offset) into the sorted
     (M, k) state (scores float32, index int64; -1 = empty). Returns the new state.
 
-    Same contract as `pyfk.kernels.reference.topk_update`; q and p are normalised CUDA
+    Same contract as `pyfk.engine.kernels.torch.topk_update`; q and p are normalised CUDA
     tensors; `gemm_dtype` is torch.float32, torch.bfloat16, torch.float16 or "tf32".
     """
     reason = available()
@@ -226,7 +226,7 @@ def select_keys(block: torch.Tensor, k: int, index_offset: int = 0, init: torch.
 
 def registry_topk_update(q, parts, sel, normalize, widths, product, k, offset, scores, index):
     """`Backend.topk_update` for pyfk.registry: normalise the pool chunk on q's device, then topk_update."""
-    from pyfk.descriptors import normalized_block
+    from pyfk.engine.descriptors import normalized_block
 
     pool_dtype = parts[0].dtype if isinstance(parts[0], torch.Tensor) else None
     dtype = resolve_gemm_dtype(DEFAULT_GEMM, pool_dtype)

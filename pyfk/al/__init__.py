@@ -1,0 +1,11 @@
+"""Active learning on top of the engine: acquisition strategies, the AL runner,
+datasets and reference models.
+
+    pyfk.al.strategies   one registry of strategies, PoolInputs/ValInputs/Selection
+    pyfk.al.runner       Config, run(): rounds of train/evaluate/extract/select
+    pyfk.al.data, imagedata, models   datasets (embedded and local) and LeNet/ResNet-18
+"""
+
+from pyfk.al.runner import Config, Run, format_table, plot, run, summarise, write_results
+
+__all__ = ["Config", "Run", "run", "format_table", "plot", "summarise", "write_results"]

@@ -1,0 +1,1 @@
+"""One module per backend, named after it; each registers itself with pyfk.engine.registry."""
