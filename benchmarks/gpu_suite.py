@@ -1,15 +1,25 @@
 #!/usr/bin/env python
 """One-call GPU suite: correctness of every GPU backend, then timings (DESIGN.md section 6).
 
-    python benchmarks/gpu_suite.py [--build] [--quick] [--dry-run] [--out DIR]
+    python benchmarks/gpu_suite.py [--build] [--quick] [--dry-run] [--out DIR] [--option [BACKEND.]KEY=VALUE]
+
+The suite's own job is the GPU machine's: build, import checks, the raw CUDA kernel
+checks, the plan, time guards, tables and the JSON file. Everything measured goes
+through the benchmark harness `pyfk.bench`, the one `pyfk bench` uses: seeded problem
+generation (`make_descriptors`, on the GPU), the check against the torch reference
+(`compare_topk`), timing with CUDA synchronisation and events (`run_bench`, budget
+mode), the GEMM rate (`gemm_rate`), the flop count (`topk_flops`), machine info and
+JSON writing. So a number here and a `pyfk bench --device cuda` number mean the same.
 
 In one run, under ~9 minutes (a global guard skips what is left, reporting it):
-  1. versions and the GPU;
+  1. versions and the GPU (`pyfk.bench.machine_info("cuda")`);
   2. the CUDA k-selection kernels themselves (pyfk._C_cuda) against torch on packed keys:
      ties, odd sizes, k = 1..1024, running-state init, strided rows, merge, unpack;
   3. every available backend among GPU_BACKENDS against backend "torch" on fresh random
-     CUDA inputs (float32/bfloat16/float16, small odd shapes): top-k scores allclose with a
-     dtype-appropriate tolerance (recall@k instead for approximate backends);
+     CUDA inputs (float32/bfloat16/float16, small odd shapes; the seed is printed and
+     recorded, --seed repeats it): top-k scores allclose with a dtype-appropriate
+     tolerance (`pyfk.bench.TOLERANCE`), valid distinct indices, descending finite
+     scores (recall@k instead of scores for approximate backends);
   4. the dense bf16 GEMM rate (torch.matmul 8192^3, CUDA events, median);
   5. timings of pyfk.topk per backend on bf16 descriptors: N=200k M=5k, then the
      ImageNet-scale case N=1,281,167 M=50,000 L=64/128/256/512 k=32. A backend whose
@@ -19,9 +29,10 @@ In one run, under ~9 minutes (a global guard skips what is left, reporting it):
      (per-call pool normalisation is not per query), so speed-ups against a sliced
      reference are a little generous.
 Prints per backend and dtype: ms, TFLOP/s (4*sum(L)*M*N), % of the measured bf16 GEMM
-rate, speed-up vs the torch reference. Writes benchmarks/results/gpu_suite_<date>.json
-(and a copy under $OUT when that is set). Exits 1 if a correctness check fails.
---dry-run prints the plan and checks imports without a GPU (exit 0).
+rate, speed-up vs the torch reference, peak CUDA memory. Writes
+benchmarks/results/gpu_suite_<date>.json (and a copy under $OUT when that is set).
+Exits 1 if a correctness check fails, 2 without a CUDA device.
+--dry-run prints the plan, checks imports and the harness on the CPU, no GPU needed (exit 0).
 """
 
 from __future__ import annotations
@@ -30,9 +41,7 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -41,12 +50,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_BACKENDS = ("triton", "cuda", "torch", "faiss", "faiss_ann")
-APPROXIMATE = ("faiss_ann",)
 REFERENCE = "torch"
 DTYPES = ("float32", "bfloat16", "float16")
-# Allowed |score - reference| as a fraction of max |reference score| per descriptor dtype:
-# float32 inputs may run on float32 or TF32 GEMMs; half inputs on half GEMMs.
-TOLERANCE = {"float32": 2e-3, "float16": 5e-3, "bfloat16": 3e-2}
 CHECK_SHAPES = [  # (M, N, widths, k, combine)
     (37, 1001, [3, 17], 7, "product"),
     (5, 4099, [64, 33], 32, "product"),
@@ -56,11 +61,15 @@ CHECK_SHAPES = [  # (M, N, widths, k, combine)
 ]
 WIDTHS = (64, 128, 256, 512)
 K = 32
+TIMING_DTYPE = "bfloat16"
+TIMING_SEED = 7  # queries from seed 7, pool from seed 8
+TIMING_REPEATS = 5  # at most; fewer when the budget allows fewer
 TIMING_CASES = [  # name, M, N, per-backend budget (s)
     ("N200k_M5k", 5_000, 200_000, 25.0),
     ("imagenet_N1281167_M50000", 50_000, 1_281_167, 45.0),
 ]
 QUICK_CASES = [("N50k_M2k", 2_000, 50_000, 10.0)]
+GEMM_N, GEMM_DTYPE, GEMM_REPEATS = 8192, "bfloat16", 20
 TIME_LIMIT_S = 540.0  # stop starting new work after 9 minutes
 DEVICE = "cuda"  # every tensor the suite makes lives here
 
@@ -70,15 +79,16 @@ class Clock:
         self.start = time.monotonic()
         self.limit = limit
 
+    @property
+    def deadline(self) -> float:
+        """The time.monotonic() after which no new work starts."""
+        return self.start + self.limit
+
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
     def left(self) -> float:
         return self.limit - self.elapsed()
-
-
-def flops(M: int, N: int, widths) -> float:
-    return 4.0 * sum(widths) * M * N
 
 
 def log(msg: str = "") -> None:
@@ -88,42 +98,20 @@ def log(msg: str = "") -> None:
 # ----------------------------------------------------------------------------- plan / environment
 
 def plan_text(cases) -> str:
+    from pyfk import bench as harness
+
     lines = ["plan:",
              "  kernels: pyfk._C_cuda select/merge/unpack vs torch on packed keys (exact equality)",
              f"  correctness: backends {list(GPU_BACKENDS)} (those available) vs {REFERENCE!r}, dtypes {list(DTYPES)},",
-             f"    shapes (M, N, widths, k, combine) {CHECK_SHAPES}; tolerance x max|score| {TOLERANCE}",
-             "  GEMM: torch.matmul bf16 8192^3, CUDA events, median of 20",
-             f"  timing: bf16, widths {list(WIDTHS)}, k={K}:"]
+             f"    shapes (M, N, widths, k, combine) {CHECK_SHAPES}; tolerance x max|score| "
+             f"{ {d: harness.TOLERANCE[DEVICE][d] for d in DTYPES} }",
+             f"  GEMM: torch.matmul {GEMM_DTYPE} {GEMM_N}^3, CUDA events, median of {GEMM_REPEATS}",
+             f"  timing: {TIMING_DTYPE}, widths {list(WIDTHS)}, k={K}, pyfk.bench.run_bench in budget mode:"]
     for name, M, N, budget in cases:
-        lines.append(f"    {name}: M={M} N={N} {flops(M, N, WIDTHS) / 1e12:.1f} TFLOP, "
+        lines.append(f"    {name}: M={M} N={N} {harness.topk_flops(M, N, WIDTHS, 'product') / 1e12:.1f} TFLOP, "
                      f"budget {budget:.0f} s per backend")
     lines.append(f"  global guard: no new work after {TIME_LIMIT_S:.0f} s; skipped cases are reported")
     return "\n".join(lines)
-
-
-def versions() -> dict:
-    import torch
-    info = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-            "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except Exception as exc:  # report; never fail on an optional package
-        info["triton"] = f"not importable ({type(exc).__name__})"
-    try:
-        import faiss
-        info["faiss"] = getattr(faiss, "__version__", "?")
-    except Exception:
-        info["faiss"] = "not installed"
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
-        info["nvcc"] = out[-1] if out else "?"
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        info["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
-                       "memory_gib": round(p.total_memory / (1 << 30), 1)}
-    return info
 
 
 def build() -> None:
@@ -134,16 +122,19 @@ def build() -> None:
 
 # ----------------------------------------------------------------------------- 2. kernel checks
 
-def kernel_checks(failures: list) -> list:
-    """The raw CUDA kernels against torch on packed keys; results must be identical."""
+def kernel_checks(failures: list, seed: int) -> list:
+    """The raw CUDA kernels against torch on packed keys (the one key spec,
+    pyfk.engine.topk_state); results must be identical. Inputs from torch's global
+    generator, seeded with `seed`."""
     import torch
 
     from pyfk.engine.kernels import cuda as cs
-    from pyfk.engine.kernels.torch import pack_keys, unpack_keys
+    from pyfk.engine.topk_state import EMPTY_KEY, pack_keys, unpack_keys
 
+    torch.manual_seed(seed)
     rows_out = []
     dev = torch.device(DEVICE)
-    empty = torch.tensor(cs._C_cuda.EMPTY_KEY, dtype=torch.int64, device=dev)
+    empty = torch.tensor(EMPTY_KEY, dtype=torch.int64, device=dev)
 
     def want_topk(keys: torch.Tensor, k: int) -> torch.Tensor:
         kk = min(k, keys.shape[1])
@@ -248,49 +239,23 @@ def kernel_checks(failures: list) -> list:
 
 # ----------------------------------------------------------------------------- 3. backend checks
 
-def make_desc(M: int, widths, dtype, seed: int, device=None):
-    import torch
+def backend_checks(names, failures: list, seed: int, options: dict) -> list:
+    """Every backend in `names` against the torch reference on CHECK_SHAPES x DTYPES
+    (pyfk.bench.compare_topk); `options`: per-backend option dicts."""
+    from pyfk import bench as harness
 
-    import pyfk
-    device = device or DEVICE
-    gen = torch.Generator(device=device).manual_seed(seed)
-    z = [torch.randn(M, w, device=device, generator=gen).to(dtype) for w in widths]
-    g = [torch.randn(M, w, device=device, generator=gen).to(dtype) for w in widths]
-    return pyfk.Descriptors(z=z, g=g)
-
-
-def backend_checks(names, failures: list) -> list:
-    import torch
-
-    import pyfk
     rows = []
-    seed = int(time.time()) % 100000  # fresh inputs every run; the seed is recorded
+    tolerance = harness.TOLERANCE[DEVICE]
     for name in names:
         for dtype_name in DTYPES:
-            dtype = getattr(torch, dtype_name)
             for i, (M, N, widths, k, combine) in enumerate(CHECK_SHAPES):
-                q = make_desc(M, widths, dtype, seed + 2 * i)
-                p = make_desc(N, widths, dtype, seed + 2 * i + 1)
                 row = {"backend": name, "dtype": dtype_name, "M": M, "N": N, "widths": widths, "k": k,
-                       "combine": combine, "seed": seed + 2 * i}
+                       "combine": combine, "seed": seed + 2 * i, "options": options.get(name) or {}}
                 try:
-                    ws, wi = pyfk.topk(q, p, k, combine=combine, backend=REFERENCE)
-                    gs, gi = pyfk.topk(q, p, k, combine=combine, backend=name)
-                    torch.cuda.synchronize()
-                    valid = (gi.shape == (M, k) and bool(((gi >= 0) & (gi < N)).all())
-                             and bool((gi.sort(dim=1).values.diff(dim=1) != 0).all()))
-                    if name in APPROXIMATE:
-                        hits = [len(set(a) & set(b)) for a, b in zip(gi.tolist(), wi.tolist())]
-                        row["recall"] = sum(hits) / float(M * k)
-                        row["ok"] = valid
-                    else:
-                        scale = float(ws.abs().max())
-                        diff = float((gs - ws).abs().max())
-                        tol = TOLERANCE[dtype_name] * scale + 1e-6
-                        sorted_ok = bool((gs.diff(dim=1) <= 0).all())
-                        row.update(max_abs_diff=diff, rel_diff=diff / max(scale, 1e-30), tol=tol,
-                                   index_agreement=float((gi == wi).float().mean()),
-                                   ok=bool(valid and sorted_ok and diff <= tol and bool(torch.isfinite(gs).all())))
+                    q = harness.make_descriptors(M, widths, dtype_name, seed + 2 * i, DEVICE)
+                    p = harness.make_descriptors(N, widths, dtype_name, seed + 2 * i + 1, DEVICE)
+                    row.update(harness.compare_topk(name, q, p, k, combine, options=options.get(name) or None,
+                                                    tolerance=tolerance[dtype_name]))
                 except Exception as exc:
                     row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
                 rows.append(row)
@@ -299,140 +264,81 @@ def backend_checks(names, failures: list) -> list:
                                     f"{row.get('error') or row}")
             mine = [r for r in rows if r["backend"] == name and r["dtype"] == dtype_name]
             status = "ok  " if all(r["ok"] for r in mine) else "FAIL"
-            if name in APPROXIMATE:
+            if not harness.is_exact(name):
                 extra = f"min recall@k {min(r.get('recall', 0.0) for r in mine):.3f}"
             else:
                 rel = max(r.get("rel_diff", float("inf")) for r in mine)
                 agree = min(r.get("index_agreement", 0.0) for r in mine)
-                extra = (f"max |diff|/max|score| {rel:.2e} (tol {TOLERANCE[dtype_name]:.0e}), "
+                extra = (f"max |diff|/max|score| {rel:.2e} (tol {tolerance[dtype_name]:.0e}), "
                          f"min index agreement {agree:.3f}")
             log(f"  {status} {name:10s} {dtype_name:9s} {len(mine)} shapes, {extra}")
     return rows
 
 
-# ----------------------------------------------------------------------------- 4. GEMM rate
-
-def gemm_rate(n: int = 8192, reps: int = 20) -> dict:
-    import torch
-    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
-    for _ in range(3):
-        torch.matmul(a, b)
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        torch.matmul(a, b)
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) / 1e3)
-    sec = statistics.median(times)
-    return {"n": n, "seconds": sec, "tflops": 2.0 * n ** 3 / sec / 1e12}
-
-
 # ----------------------------------------------------------------------------- 5. timings
 
-def _timed(fn) -> float:
+def timing(names, cases, gemm: dict, clock: Clock, options: dict) -> list:
+    """pyfk.bench.run_bench per case (budget mode, the run's deadline, the measured GEMM
+    rate), the reference first; rows tagged with the case."""
     import torch
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    fn()
-    e1.record()
-    e1.synchronize()
-    return e0.elapsed_time(e1) / 1e3
 
+    from pyfk import bench as harness
 
-def time_backend(name: str, q, p, k: int, budget: float, clock: Clock) -> dict:
-    """Median seconds of pyfk.topk over all M queries, measured or scaled from a slice."""
-    import pyfk
-    M = q.n
-
-    def run(m):
-        qs = q if m == M else q.take(slice(0, m))
-        return lambda: pyfk.topk(qs, p, k, backend=name)
-
-    m0 = min(M, 256)
-    small_pool = p.take(slice(0, min(p.n, 65536)))
-    qw = q.take(slice(0, min(M, 64)))
-    _timed(lambda: pyfk.topk(qw, small_pool, k, backend=name))  # warm-up: module load, compilation, handles
-    t0 = _timed(run(m0))
-    est = t0 * M / m0
-    if est * 3 <= budget and est * 3 < clock.left():
-        if m0 < M:
-            _timed(run(M))  # warm-up at full size
-        reps = max(1, min(5, int(budget / (2 * max(est, 1e-6)))))
-        times = [_timed(run(M)) for _ in range(reps)]
-        return {"seconds": statistics.median(times), "times": times, "measured_m": M, "scaled": False}
-    afford = min(budget / 2, max(clock.left() - 30, 0) / 2)
-    m1 = int(min(M, max(m0, m0 * afford / max(t0, 1e-9))))
-    m1 = max(m0, (m1 // 64) * 64)
-    t1 = _timed(run(m1)) if m1 > m0 else t0
-    return {"seconds": t1 * M / m1, "times": [t1], "measured_m": m1, "scaled": m1 < M}
-
-
-def timing(names, cases, gemm: dict, clock: Clock) -> list:
-    import torch
+    order = [REFERENCE] + [n for n in names if n != REFERENCE]
+    scoped = {f"{n}.{key}": value for n in order for key, value in (options.get(n) or {}).items()}
     rows = []
     for case, M, N, budget in cases:
+        meta = {"case": case, "dtype": TIMING_DTYPE, "M": M, "N": N, "widths": list(WIDTHS), "k": K,
+                "flops": harness.topk_flops(M, N, WIDTHS, "product")}
         # Rough need: the reference's pilot + slice, plus each backend's budget.
         if clock.left() < 60:
-            for name in names:
-                rows.append({"case": case, "backend": name, "dtype": "bfloat16", "skipped": "time guard"})
+            rows += [{**meta, "backend": name, "skipped": "time guard"} for name in order]
             log(f"  {case}: skipped (time guard, {clock.elapsed():.0f} s elapsed)")
             continue
-        try:
-            q = make_desc(M, WIDTHS, torch.bfloat16, 7)
-            p = make_desc(N, WIDTHS, torch.bfloat16, 8)
-        except torch.cuda.OutOfMemoryError as exc:
-            for name in names:
-                rows.append({"case": case, "backend": name, "dtype": "bfloat16", "error": f"OOM making inputs: {exc}"})
-            continue
-        fl = flops(M, N, WIDTHS)
-        case_rows = []
-        for name in [REFERENCE] + [n for n in names if n != REFERENCE]:
-            row = {"case": case, "backend": name, "dtype": "bfloat16", "M": M, "N": N, "widths": list(WIDTHS), "k": K,
-                   "flops": fl}
-            if clock.left() < 45:
-                row["skipped"] = "time guard"
+
+        def report(r, case=case):
+            if r["seconds"] is not None:
+                what = f"{1e3 * r['seconds']:.1f} ms" + (f" (est. from M={r['measured_m']})" if r["scaled"] else "")
             else:
-                try:
-                    row.update(time_backend(name, q, p, K, budget, clock))
-                    row["tflops"] = fl / row["seconds"] / 1e12
-                    row["pct_gemm"] = 100.0 * row["tflops"] / gemm["tflops"]
-                except Exception as exc:
-                    row["error"] = f"{type(exc).__name__}: {exc}"
-                    torch.cuda.empty_cache()
-            case_rows.append(row)
-            log(f"  {case} {name}: " + (f"{1e3 * row['seconds']:.1f} ms"
-                                        + (f" (est. from M={row['measured_m']})" if row.get("scaled") else "")
-                                        if "seconds" in row else row.get("skipped") or row.get("error")))
-        ref = next((r for r in case_rows if r["backend"] == REFERENCE and "seconds" in r), None)
-        for r in case_rows:
-            if ref and "seconds" in r:
-                r["speedup_vs_torch"] = ref["seconds"] / r["seconds"]
-        rows += case_rows
-        del q, p
-        torch.cuda.empty_cache()
+                what = r.get("skipped") or r.get("error") or r["note"]
+            log(f"  {case} {r['backend']}: {what}")
+
+        try:
+            res = harness.run_bench(M, N, WIDTHS, k=K, dtype=TIMING_DTYPE, backends=order, repeats=TIMING_REPEATS,
+                                    check=False, baseline=False, peak=True, seed=TIMING_SEED, device=DEVICE,
+                                    options=scoped, budget=budget, deadline=clock.deadline, gemm=gemm,
+                                    errors="record", on_row=report)
+        except Exception as exc:  # making the inputs (OOM) or setting up: every row of the case reports it
+            what = "OOM making inputs" if isinstance(exc, torch.cuda.OutOfMemoryError) else type(exc).__name__
+            rows += [{**meta, "backend": name, "error": f"{what}: {exc}"} for name in order]
+            log(f"  {case}: {what}: {exc}")
+            torch.cuda.empty_cache()
+            continue
+        for r in res["rows"]:
+            row = {**meta, **r}
+            if r["gflops"] is not None:
+                row["tflops"] = r["gflops"] / 1e3
+            rows.append(row)
     return rows
 
 
 def table(rows, gemm) -> str:
-    head = ("case", "backend", "dtype", "ms", "TFLOP/s", "%GEMM", "vs torch", "note")
-    out = [head]
+    from pyfk import bench as harness
+
+    out = [("case", "backend", "dtype", "ms", "TFLOP/s", "%GEMM", "vs torch", "peak GiB", "note")]
     for r in rows:
-        if "seconds" not in r:
+        if r.get("seconds") is None:
             why = r.get("skipped") or r.get("error", "")
-            out.append((r["case"], r["backend"], r["dtype"], "-", "-", "-", "-", why))
+            out.append((r["case"], r["backend"], r["dtype"], "-", "-", "-", "-", "-", why))
             continue
         note = f"est. from M={r['measured_m']} (linear in M)" if r.get("scaled") else "measured"
-        sp = r.get("speedup_vs_torch")
+        sp, peak = r.get("speedup_vs_torch"), r.get("peak_mib")
         out.append((r["case"], r["backend"], r["dtype"], f"{1e3 * r['seconds']:.1f}", f"{r['tflops']:.1f}",
-                    f"{r['pct_gemm']:.1f}", "-" if sp is None else f"{sp:.1f}x", note))
-    width = [max(len(str(row[i])) for row in out) for i in range(len(head))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, width)) for row in out]
-    lines.insert(1, "  ".join("-" * w for w in width))
-    lines.append(f"TFLOP/s = 4*sum(L)*M*N / time; %GEMM of torch bf16 matmul {gemm['tflops']:.0f} TFLOP/s")
+                    f"{r['pct_gemm']:.1f}", "-" if sp is None else f"{sp:.1f}x",
+                    "-" if peak is None else f"{peak / 1024:.1f}", note))
+    lines = harness.text_table(out, left=len(out[0]))
+    lines.append(f"TFLOP/s = 4*sum(L)*M*N / time; %GEMM of torch {gemm['dtype']} matmul {gemm['tflops']:.0f} "
+                 "TFLOP/s; peak GiB: CUDA memory allocated beyond the inputs during the (warm-up) call")
     return "\n".join(lines)
 
 
@@ -441,10 +347,15 @@ def table(rows, gemm) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--build", action="store_true", help="pip install --no-deps --no-build-isolation . first")
-    ap.add_argument("--dry-run", action="store_true", help="print the plan, check imports, exit 0")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the plan, check imports and the harness on the CPU, exit 0")
     ap.add_argument("--quick", action="store_true", help="small timing case only")
     ap.add_argument("--no-timing", action="store_true", help="correctness and GEMM rate only")
     ap.add_argument("--backends", default=",".join(GPU_BACKENDS), help="comma-separated subset of GPU_BACKENDS")
+    ap.add_argument("--option", action="append", default=None, metavar="[BACKEND.]KEY=VALUE",
+                    help="a backend option for the checks and timings, as in `pyfk bench --option` (repeatable)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="seed of the correctness inputs (default: fresh each run, printed and recorded)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for the JSON")
     ap.add_argument("--time-limit", type=float, default=TIME_LIMIT_S)
     args = ap.parse_args(argv)
@@ -459,52 +370,64 @@ def main(argv=None) -> int:
     except ImportError:  # not installed: the source tree (its extensions built in place, if at all)
         sys.path.insert(0, str(ROOT))
         import pyfk
-    from pyfk.engine.kernels import cuda as cuda_select
+    from pyfk import bench as harness
+    from pyfk.engine.kernels import cuda as cuda_kernels
 
     log(f"pyfk {pyfk.__version__} from {Path(pyfk.__file__).parent}")
-    log(f"versions: {json.dumps(versions())}")
+    versions = harness.machine_info(DEVICE)
+    log(f"versions: {json.dumps(versions, default=str)}")
     wanted = [b for b in args.backends.split(",") if b]
     unknown = [b for b in wanted if b not in GPU_BACKENDS]
     if unknown:
         ap.error(f"--backends: unknown {unknown}; expected a subset of {list(GPU_BACKENDS)}")
     registry = {r["name"]: r for r in pyfk.backends()}
-    avail = [b for b in wanted if b in registry and registry[b]["available"] and "cuda" in registry[b]["devices"]]
+    avail = [b for b in wanted if b in registry and registry[b]["available"] and DEVICE in registry[b]["devices"]]
     for b in wanted:
         if b not in avail:
             why = registry[b]["reason"] if b in registry else "not registered in pyfk.backends()"
             log(f"backend {b}: unavailable ({why})")
-    log(f"cuda_select.available(): {cuda_select.available() or 'yes'}")
+    try:  # checked against every wanted backend, available or not, before any work
+        options = harness.backend_options(harness.parse_options(args.option),
+                                          {b: b for b in dict.fromkeys([REFERENCE, *wanted]) if b in registry})
+    except ValueError as exc:
+        ap.error(f"--option: {exc}")
+    log(f"cuda kernels available(): {cuda_kernels.available() or 'yes'}")
     log(plan_text(cases))
     if args.dry_run:
-        log("dry run: imports ok; nothing executed")
+        smoke = harness.run_bench(8, 300, [4, 3], k=5, backends=[REFERENCE], repeats=1, peak=False, device="cpu")
+        row = smoke["rows"][0]
+        log(f"harness on the CPU: {REFERENCE} {1e3 * row['seconds']:.2f} ms, checked against the reference "
+            f"and the {harness.BASELINE} baseline ({len(smoke['rows'])} rows)")
+        log("dry run: imports ok; nothing executed on a GPU")
         return 0
     if not torch.cuda.is_available():
         log("no CUDA device: nothing to do (use --dry-run on CPU-only machines)")
         return 2
 
     failures: list[str] = []
+    seed = args.seed if args.seed is not None else int(time.time()) % 100000  # fresh inputs unless given
+    log(f"seed {seed} (repeat with --seed {seed})")
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "argv": sys.argv, "versions": versions(), "backends_available": avail}
-    if cuda_select.available() is None:
+              "argv": sys.argv, "versions": versions, "backends_available": avail, "seed": seed,
+              "options": options}
+    if cuda_kernels.available() is None:
         log("\n[kernels] pyfk._C_cuda")
-        result["kernel_checks"] = kernel_checks(failures)
-    log("\n[correctness] vs backend 'torch'")
-    result["checks"] = backend_checks(avail, failures)
-    result["cuda_mm_out_dtype_float32"] = cuda_select._mm_out_dtype_ok  # None: no half GEMM ran
+        result["kernel_checks"] = kernel_checks(failures, seed)
+    log(f"\n[correctness] vs backend {REFERENCE!r}")
+    result["checks"] = backend_checks(avail, failures, seed, options)
+    # None: no half GEMM ran; False: torch.mm(..., out_dtype=float32) is missing here
+    result["cuda_mm_out_dtype_float32"] = getattr(cuda_kernels, "_mm_out_dtype_ok", None)
     log("\n[gemm]")
-    result["gemm"] = gemm_rate()
-    log(f"  bf16 matmul {result['gemm']['n']}^3: {result['gemm']['tflops']:.1f} TFLOP/s")
+    result["gemm"] = harness.gemm_rate(GEMM_N, GEMM_N, GEMM_N, repeats=GEMM_REPEATS, device=DEVICE, dtype=GEMM_DTYPE)
+    log(f"  {GEMM_DTYPE} matmul {GEMM_N}^3: {result['gemm']['tflops']:.1f} TFLOP/s")
     if not args.no_timing:
         log("\n[timing]")
-        result["timing"] = timing(avail, cases, result["gemm"], clock)
+        result["timing"] = timing(avail, cases, result["gemm"], clock, options)
     result["failures"] = failures
     result["elapsed_s"] = clock.elapsed()
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = out_dir / f"gpu_suite_{stamp}.json"
-    path.write_text(json.dumps(result, indent=1, default=str))
+    path = harness.write_json(Path(args.out) / f"gpu_suite_{stamp}.json", result)
     if os.environ.get("OUT"):
         shutil.copy(path, Path(os.environ["OUT"]) / path.name)
     log(f"\nwrote {path}")

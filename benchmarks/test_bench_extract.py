@@ -20,12 +20,13 @@ from pyfk.al.models import default_layers
 from pyfk.bench_extract import CONFIGS, _Setup, make_loader, make_model, run_extract, run_forward, run_plain
 
 BATCH = 128
+SEED = 0  # the weights and the images (and their labels) are seeded
 
 
 @functools.lru_cache(maxsize=2)
 def _case(model: str):
-    net = make_model(model)
-    loader = make_loader(model, CONFIGS[model]["n"], BATCH)
+    net = make_model(model, seed=SEED)
+    loader = make_loader(model, CONFIGS[model]["n"], BATCH, seed=SEED)
     return net, loader
 
 

@@ -11,18 +11,20 @@ has useful recall. recall@k against the exact answer goes into extra_info.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
 import pytest
 
 import pyfk
+from pyfk.engine.kernels import faiss_ann
 
-faiss_backend = pytest.importorskip("pyfk.engine.kernels.faiss")
-if faiss_backend.available() is not None:
-    pytest.skip(faiss_backend.available(), allow_module_level=True)
+if faiss_ann.FaissAnnBackend().unavailable_reason() is not None:
+    pytest.skip(faiss_ann.FaissAnnBackend().unavailable_reason(), allow_module_level=True)
 
-from pyfk.engine.descriptors import normalized_block, segments  # noqa: E402
+from pyfk.engine.descriptors import normalized_block  # noqa: E402
+from pyfk.engine.layout import Layout  # noqa: E402
 
 K = 32
 COMBINE = "product"
@@ -31,7 +33,7 @@ SIZES = {
     "small": {"M": 200, "N": 20000, "widths": (16, 32), "clusters": 200},
     "large": {"M": 1000, "N": 200000, "widths": (16, 32), "clusters": 2000},
 }
-PARAMS = faiss_backend.AnnParams(width=256, index="ivf", nlist=1024, nprobe=2, candidates=128)
+PARAMS = faiss_ann.AnnParams(width=256, index="ivf", nlist=1024, nprobe=2, candidates=128)
 AVAILABLE = {r["name"] for r in pyfk.backends() if r["available"]}
 
 
@@ -59,22 +61,15 @@ def _inputs(size: str):
 
 
 def _prepared(q, p):
-    q_parts, widths, product = segments(q, COMBINE)
-    p_parts, _, _ = segments(p, COMBINE)
-    return normalized_block(q_parts, slice(None), NORMALIZE), p_parts, widths, product
+    q_parts, layout = Layout.of(q, COMBINE)
+    p_parts, _ = Layout.of(p, COMBINE)
+    return normalized_block(q_parts, slice(None), NORMALIZE), p_parts, layout.widths, layout.product
 
 
 def ann_topk(q, p, k, params=PARAMS):
-    """faiss_ann through pyfk.topk when registered, else through its topk_update the way the api drives it."""
-    with faiss_backend.ann_params(**{f: getattr(params, f) for f in params.__dataclass_fields__}):
-        if "faiss_ann" in AVAILABLE:
-            return pyfk.topk(q, p, k, combine=COMBINE, normalize=NORMALIZE, backend="faiss_ann")
-        import torch
-        qn, p_parts, widths, product = _prepared(q, p)
-        s0 = torch.full((qn.shape[0], k), float("-inf"))
-        i0 = torch.full((qn.shape[0], k), -1, dtype=torch.int64)
-        s, i = faiss_backend.ann_topk_update(qn, p_parts, slice(0, p.n), NORMALIZE, widths, product, k, 0, s0, i0)
-        return s.numpy(), i.numpy()
+    """faiss_ann through pyfk.topk, its parameters passed as backend options."""
+    return pyfk.topk(q, p, k, combine=COMBINE, normalize=NORMALIZE, backend="faiss_ann",
+                     options=dataclasses.asdict(params))
 
 
 @pytest.mark.parametrize("size", [pytest.param("small"), pytest.param("large", marks=pytest.mark.large)])
@@ -92,7 +87,7 @@ def test_faiss_ann(benchmark, case, size):
             return ann_topk(q, p, K)
     else:
         qn, p_parts, widths, product = _prepared(q, p)
-        index = faiss_backend.AnnIndex(p_parts, slice(0, p.n), NORMALIZE, widths, product, PARAMS)
+        index = faiss_ann.AnnIndex(p_parts, slice(0, p.n), NORMALIZE, widths, product, PARAMS)
 
         def run():
             return index.search(qn, K)
@@ -100,7 +95,7 @@ def test_faiss_ann(benchmark, case, size):
     benchmark.group = f"faiss-ann-{size}"
     rounds = 1 if case == "faiss_ann" and size == "large" else 3
     scores, index_ = benchmark.pedantic(run, rounds=rounds, iterations=1)
-    recall = faiss_backend.recall_at_k(np.asarray(index_), exact)
+    recall = faiss_ann.recall_at_k(np.asarray(index_), exact)
     benchmark.extra_info.update({"M": s["M"], "N": s["N"], "widths": list(s["widths"]), "k": K,
                                  "combine": COMBINE, "recall_at_k": recall, "params": str(PARAMS)})
     assert tuple(np.asarray(index_).shape) == (s["M"], K)

@@ -7,15 +7,16 @@
     sel = pyfk.acquire("badge", pyfk.PoolInputs(badge=...), budget=125, labeled=labeled)  # any strategy
 """
 
+from pyfk import testing
 from pyfk._version import __version__
 from pyfk.al.strategies import STRATEGIES, PoolInputs, Selection, ValInputs
-from pyfk.al.strategies import select as acquire
-from pyfk.api import select, similarity, topk
+from pyfk.api import acquire, backends, select, similarity, topk
+from pyfk.engine.backend import BackendUnavailable
 from pyfk.engine.descriptors import Descriptors
-from pyfk.engine.registry import BackendUnavailable, backends
-from pyfk.features.extract import Extraction, extract
+from pyfk.features.extract import extract
+from pyfk.features.extraction import Extraction
 from pyfk.features.store import DescriptorStore
 
 __all__ = ["Descriptors", "Extraction", "extract", "topk", "similarity", "select", "backends",
            "BackendUnavailable", "DescriptorStore", "acquire", "STRATEGIES", "PoolInputs", "ValInputs",
-           "Selection", "__version__"]
+           "Selection", "testing", "__version__"]

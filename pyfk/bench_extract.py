@@ -45,14 +45,19 @@ _LABELS = {
 # ----------------------------------------------------------------------------- inputs
 
 def make_model(name: str, width: int = 64, classes: int = 10, seed: int = 0) -> torch.nn.Module:
-    """A built-in model (pyfk.models) with seeded random weights, in eval mode."""
+    """A built-in model (pyfk.al.models) with seeded random weights, in eval mode.
+
+    The weights come from torch's CPU generator seeded with `seed` inside fork_rng, so
+    the caller's random state is left as it was.
+    """
     if name not in CONFIGS:
         raise ValueError(f"model: expected one of {sorted(CONFIGS)}, got {name!r}")
-    torch.manual_seed(seed)
     kwargs = {"classes": classes, "in_channels": CONFIGS[name]["shape"][0]}
     if name == "resnet18":
         kwargs["width"] = width
-    return MODELS[name](**kwargs).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODELS[name](**kwargs).eval()
 
 
 def make_loader(name: str, n: int, batch_size: int, classes: int = 10, seed: int = 0) -> DataLoader:
@@ -156,9 +161,7 @@ def run_bench_extract(model: str = "resnet18", batch_size: int = 128, n: int | N
         "forward": lambda data: run_forward(net, data, setup),
     }
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    machine = machine_info()  # before timing: the load average shows other work on the machine
-    if dev.type == "cuda":
-        machine["gpu"] = torch.cuda.get_device_name(dev)
+    machine = machine_info(dev)  # before timing: the load average shows other work on the machine
     for m in methods:  # one warm-up batch each
         runners[m](warm)
     times = {m: [] for m in methods}
@@ -204,7 +207,7 @@ def format_table(result: dict) -> str:
     lines = [
         f"pyfk {mach['pyfk']} extraction benchmark  {result['date']}",
         f"machine: {mach['cpu']}, {mach['cpu_count']} CPUs, torch {mach['torch']} with {mach['torch_threads']} "
-        f"threads, load average {mach['loadavg_1min']:.2f}" + (f", GPU {mach['gpu']}" if "gpu" in mach else ""),
+        f"threads, load average {mach['loadavg_1min']:.2f}" + (f", GPU {mach['gpu']['name']}" if "gpu" in mach else ""),
         f"model: {desc} ({mod['params'] / 1e6:.2f}M params), layers {','.join(a['layers'])}; "
         f"{a['n']} random {shape} images, batch {a['batch_size']}, device {a['device']}"
         + (" (bf16 autocast)" if mod["amp_bf16"] else ""),

@@ -1,6 +1,7 @@
 """The `pyfk` command line (also `python -m pyfk`).
 
-    pyfk bench [--quick] [--M 1000 --N 50000 --widths 64,128,256,512 --k 32] [--json out.json]
+    pyfk bench [--quick] [--M 1000 --N 50000 --widths 64,128,256,512 --k 32] [--device cpu|cuda]
+               [--backends cpu,torch] [--option [BACKEND.]KEY=VALUE ...] [--json out.json]
     pyfk backends
     pyfk extract --model CKPT [--arch lenet|resnet18|pkg.module:callable] --data DIR|FILE.pt|FILE.npz
                  --out STORE [--layers conv1,conv2,fc1] [--pseudo-label argmax|true|mc] ...
@@ -64,29 +65,46 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench", help="time pyfk.topk per backend against the materialise-then-topk baseline",
-        description="Time pyfk.topk on random descriptors per backend; report ms, GFLOP/s, the share of the "
-                    "torch float32 GEMM rate, the speed-up over materialising the M x N matrix with torch "
-                    "and torch.topk, and the peak RSS growth. Scores are checked against the torch backend "
-                    f"first. Default size: M={_FULL['M']} N={_FULL['N']} "
-                    f"widths={','.join(map(str, _FULL['widths']))} k=32.")
+        description="Time pyfk.topk on seeded random descriptors per backend, on the CPU or (--device cuda) a GPU; "
+                    "report ms, GFLOP/s, the share of the torch GEMM rate measured in the same run, the speed-up "
+                    "over materialising the M x N matrix with torch and torch.topk, the peak memory growth (RSS; "
+                    "allocated CUDA memory on a GPU) and recall@k for approximate backends. Scores are checked "
+                    "against the torch backend first. Default size: "
+                    f"M={_FULL['M']} N={_FULL['N']} widths={','.join(map(str, _FULL['widths']))} k=32.",
+        epilog="Backend options (see `pyfk backends --json` for each backend's options and defaults): "
+               "--option KEY=VALUE goes to every benchmarked backend that accepts KEY, --option BACKEND.KEY=VALUE "
+               "to that backend only; values none/true/false/integers/floats are converted. Examples: "
+               "--option threads=2, --option isa=avx2 (the cpu kernel's instruction set; PYFK_CPU_ISA is the "
+               "process-wide default), --option triton.allow_tf32=true, --option cuda.gemm=bfloat16.")
     bench.add_argument("--M", type=_positive, default=None, help=f"queries (default {_FULL['M']})")
     bench.add_argument("--N", type=_positive, default=None, help=f"pool size (default {_FULL['N']})")
     bench.add_argument("--widths", type=_int_list, default=None,
                        help=f"comma-separated scale widths L_j (default {','.join(map(str, _FULL['widths']))})")
     bench.add_argument("--k", type=_positive, default=32, help="neighbours per query (default 32)")
     bench.add_argument("--combine", choices=COMBINES, default="product", help="similarity (default product)")
-    bench.add_argument("--dtype", choices=("float16", "float32", "float64"), default="float32",
-                       help="dtype of the random descriptors (default float32)")
-    bench.add_argument("--backends", type=_name_list, default=["cpu", "torch"],
-                       help="comma-separated backends to time (default cpu,torch)")
+    bench.add_argument("--dtype", choices=("float16", "bfloat16", "float32", "float64"), default="float32",
+                       help="dtype of the random descriptors (default float32; NumPy arrays on the CPU, "
+                            "bfloat16 as torch tensors)")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                       help="where the descriptors live and the backends run (default cpu)")
+    bench.add_argument("--backends", type=_name_list, default=None,
+                       help="comma-separated backends to time, 'auto' included (default: the exact backends "
+                            "auto may choose for the device, e.g. cpu,torch)")
+    bench.add_argument("--option", dest="options", metavar="[BACKEND.]KEY=VALUE", type=_option, action="append",
+                       default=None, help="a backend option passed as pyfk.topk(..., options={KEY: VALUE}); "
+                                          "repeat for several (see below)")
     bench.add_argument("--threads", type=_positive, default=None,
-                       help="torch.set_num_threads before timing; the cpu backend uses the same count")
+                       help="torch.set_num_threads before timing; the cpu backend uses the same count "
+                            "unless --option threads=... says otherwise")
     bench.add_argument("--repeats", type=_positive, default=3, help="timed runs per backend, median (default 3)")
+    bench.add_argument("--budget", type=_positive_float, default=None, metavar="SECONDS",
+                       help="time budget per backend: a backend whose full run would not fit is timed on a "
+                            "slice of the queries and scaled linearly in M (marked est.); default: no budget")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random descriptors (default 0)")
     bench.add_argument("--no-baseline", action="store_true", help="skip the materialise baseline")
     bench.add_argument("--no-check", action="store_true", help="skip the correctness check against torch")
     bench.add_argument("--no-peak", action="store_true",
-                       help="skip the peak RSS measurement (made on the warm-up calls)")
+                       help="skip the peak memory measurement (made on the warm-up calls)")
     bench.add_argument("--json", metavar="PATH", type=Path, default=None,
                        help="also write the full result as JSON to PATH (parent folders are created)")
     bench.add_argument("--quick", action="store_true",
@@ -105,12 +123,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _option(text: str) -> tuple[str, object]:
+    """One `--option [BACKEND.]KEY=VALUE` as (key, converted value)."""
+    from pyfk.bench import parse_options
+
+    try:
+        (key, value), = parse_options([text]).items()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return key, value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def _write_json(path, result: dict) -> None:
     """Write a benchmark result dict as JSON (creating parent folders) when a path was given."""
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {path}")
+        from pyfk.bench import write_json
+
+        print(f"\nwrote {write_json(path, result)}")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -123,9 +162,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     try:
         result = run_bench(M, N, widths, k=args.k, combine=args.combine, dtype=args.dtype, backends=args.backends,
                            threads=args.threads, repeats=args.repeats, check=not args.no_check,
-                           baseline=not args.no_baseline, peak=not args.no_peak, seed=args.seed)
+                           baseline=not args.no_baseline, peak=not args.no_peak, seed=args.seed,
+                           device=args.device, options=dict(args.options or ()), budget=args.budget)
     except (BackendUnavailable, ValueError) as exc:
-        print(f"pyfk bench: error: {exc}", file=sys.stderr)
+        if os.environ.get("PYFK_DEBUG"):
+            raise
+        print(f"pyfk bench: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except AssertionError as exc:
         print(f"pyfk bench: correctness check failed: {exc}", file=sys.stderr)

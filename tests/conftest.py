@@ -1,3 +1,6 @@
+import os
+import secrets
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +15,27 @@ def _available_cpu_backends():
 
 CPU_BACKENDS = _available_cpu_backends()
 
+SEED_ENV = "PYFK_TEST_SEED"
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh seeded NumPy Generator per test. The seed is random unless PYFK_TEST_SEED
+    is set; a failing test reports it (rerun with PYFK_TEST_SEED=<seed> to reproduce)."""
+    seed = int(os.environ[SEED_ENV]) if os.environ.get(SEED_ENV) else secrets.randbits(32)
+    request.node.user_properties.append(("rng_seed", seed))
+    return np.random.default_rng(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for name, value in item.user_properties:
+            if name == "rng_seed":
+                report.sections.append(("rng seed", f"{SEED_ENV}={value} reproduces this test's random inputs"))
+
 
 @pytest.fixture(params=CPU_BACKENDS)
 def backend(request):
@@ -25,7 +49,7 @@ def cpu_isa(request, monkeypatch):
 
     if request.param != "auto" and request.param not in _C.isas():
         pytest.skip(f"CPU lacks {request.param}")
-    monkeypatch.setattr(cpu_kernels, "DEFAULT_ISA", request.param)
+    monkeypatch.setenv(cpu_kernels.ISA_ENV, request.param)
     return request.param
 
 

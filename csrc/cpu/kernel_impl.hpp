@@ -30,6 +30,7 @@
 #include <cstring>
 #include <limits>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "kernel_api.hpp"
@@ -41,11 +42,10 @@
 PYFK_TARGET_PRAGMA(PYFK_TARGET)
 #endif
 
+#include "topk_heap.hpp"  // the per-query heaps (internal linkage: one copy per ISA file)
+
 namespace pyfk {
 namespace PYFK_ISA {
-namespace {  // internal linkage: each ISA file gets its own copy
-#include "topk_heap.hpp"
-}  // namespace
 
 constexpr int VW = PYFK_VW;
 constexpr int MR = PYFK_MR;

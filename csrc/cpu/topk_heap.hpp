@@ -1,6 +1,22 @@
 // Per-query running top-k as binary heaps whose root is the current worst
-// entry. Order: higher score first, ties to the smaller pool index.
-// Included inside an anonymous namespace of each instruction-set file.
+// entry. Order: higher score first, ties to the smaller pool index -- the order of
+// the packed keys specified in pyfk/engine/topk_state.py (tests hold the two equal).
+// Self-contained: it includes what it uses and puts everything in an anonymous
+// namespace inside pyfk::PYFK_ISA, so each instruction-set file gets its own copy.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#ifndef PYFK_ISA
+#error "define PYFK_ISA (the instruction-set namespace) before including topk_heap.hpp"
+#endif
+
+namespace pyfk {
+namespace PYFK_ISA {
+namespace {
 
 inline bool better(float sa, int64_t ia, float sb, int64_t ib) {
   return sa > sb || (sa == sb && ia < ib);
@@ -88,3 +104,7 @@ inline void merge_into(const std::vector<TopK>& parts, int64_t m, int64_t k, flo
     }
   }
 }
+
+}  // namespace
+}  // namespace PYFK_ISA
+}  // namespace pyfk

@@ -1,5 +1,5 @@
 // Exact k-selection on the GPU in pyfk's int64 key space (see
-// pyfk/kernels/reference.py): key = ordered_float_bits(score) * 2^32 + (2^32 - 2 - index),
+// pyfk/engine/topk_state.py, the one spec): key = ordered_float_bits(score) * 2^32 + (2^32 - 2 - index),
 // where ordered_float_bits maps float order to signed int32 order (-0 folded into +0).
 // A larger key is a larger score, or the same score at a smaller index, so "the k
 // largest keys" is "the k best scores, ties to the smaller index", and a row of keys

@@ -1,8 +1,9 @@
 """Active learning on top of the engine: acquisition strategies, the AL runner,
 datasets and reference models.
 
-    pyfk.al.strategies   one registry of strategies, PoolInputs/ValInputs/Selection
-    pyfk.al.runner       Config, run(): rounds of train/evaluate/extract/select
+    pyfk.al.strategies   one registry (base: PoolInputs/ValInputs/Selection, Needs, select) and
+                         the families uncertainty, diversity (coreset, badge), pfk (pcc, pfk, pfk_sum)
+    pyfk.al.runner       Config, run(): rounds of train/evaluate/compute what the strategy needs/select
     pyfk.al.data, imagedata, models   datasets (embedded and local) and LeNet/ResNet-18
 """
 

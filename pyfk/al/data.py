@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pyfk.al.imagedata import ImageFolderDataset
+
 EMBEDDED = ("mnist5k", "digits")
 
 
@@ -110,8 +112,6 @@ def _svhn(root: str) -> Dataset:
 
 
 def _folder(root: str) -> Dataset:
-    from pyfk.al.imagedata import ImageFolderDataset
-
     folder = ImageFolderDataset(root)
     images = [folder.load(i).numpy() for i in range(len(folder))]
     shapes = {im.shape for im in images}

@@ -1,9 +1,11 @@
 """The active-learning experiment runner (`pyfk run CONFIG`, `pyfk demo`).
 
-A run compares acquisition strategies on a biased pool (pyfk.data.biased_split):
+A run compares acquisition strategies on a biased pool (pyfk.al.data.biased_split):
 for every strategy and seed, rounds of
     train from scratch on the labeled set -> evaluate on the balanced test split ->
-    extract pool / validation descriptors -> select `budget` pool items -> label them.
+    compute what the strategy reads (STRATEGIES[name].needs: probabilities, MC-dropout
+    passes or ensemble members, descriptors, BADGE factors, features, the validation
+    set; see `strategy_inputs`) -> select `budget` pool items -> label them.
 A run directory holds config.json, state.json (every finished round, committed
 atomically: an interrupted run resumes at the next round and, for the same
 config, reproduces an uninterrupted run exactly), results.csv / results.json and
@@ -24,14 +26,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
 
 from pyfk.al import data as datasets
+from pyfk.al import models, strategies
+from pyfk.al.strategies import Needs, PoolInputs, Strategy, ValInputs
+from pyfk.engine.descriptors import Descriptors
+from pyfk.features.extract import extract
 
 DEFAULT_STRATEGIES = ["random", "entropy", "var_ratio", "coreset", "badge", "pfk"]
 
 
 @dataclass
 class Config:
+    """An experiment. `k` (and any other strategy parameter named like a field here) is
+    passed to every strategy that accepts it; `mc_passes` is K for the MC-dropout
+    strategies (and for pseudo_label="mc"); `ensemble_size` is K for the ensemble ones."""
+
     dataset: str = "mnist5k"
     root: str | None = None
     imbalance: float = 100.0
@@ -68,11 +79,9 @@ class Config:
         return cfg
 
     def validate(self) -> None:
-        from pyfk.al.strategies import STRATEGIES
-
-        bad = [s for s in self.strategies if s not in STRATEGIES]
+        bad = [s for s in self.strategies if s not in strategies.STRATEGIES]
         if bad:
-            raise ValueError(f"strategies: unknown {bad}; expected some of {sorted(STRATEGIES)}")
+            raise ValueError(f"strategies: unknown {bad}; expected some of {sorted(strategies.STRATEGIES)}")
         for name in ("initial", "budget", "train_steps", "batch_size", "mc_passes", "k", "ensemble_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -86,8 +95,6 @@ class Config:
 # ----------------------------------------------------------------------------- model + training
 
 def build_model(name: str, in_channels: int, classes: int, size: int) -> torch.nn.Module:
-    from pyfk.al import models
-
     if name not in models.MODELS:
         raise ValueError(f"model: expected one of {sorted(models.MODELS)}, got {name!r}")
     if name == "lenet":  # the paper's unpadded LeNet where the images allow it
@@ -139,7 +146,7 @@ def predict(model, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
 @torch.no_grad()
 def mc_dropout(model, x: torch.Tensor, passes: int, seed: int, batch: int = 512) -> np.ndarray:
     """(K, N, C) softmax with only the Dropout modules in train mode."""
-    drops = [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    drops = _dropouts(model)
     if not drops:
         raise ValueError("MC dropout: the model has no Dropout module")
     torch.manual_seed(seed)
@@ -150,6 +157,10 @@ def mc_dropout(model, x: torch.Tensor, passes: int, seed: int, batch: int = 512)
         return np.stack([predict_dropout(model, x, batch) for _ in range(passes)])
     finally:
         model.eval()
+
+
+def _dropouts(model) -> list:
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
 
 
 def predict_dropout(model, x, batch):
@@ -213,45 +224,67 @@ class Run:
 
 # ----------------------------------------------------------------------------- the loop
 
-PFK_FAMILY = ("pfk", "pfk_sum", "pcc")
+def strategy_inputs(needs: Needs, model, cfg: Config, layers, pool_x, val_x, val_y, seed: int,
+                    members=()) -> tuple[PoolInputs, ValInputs | None]:
+    """Exactly what a strategy declares it reads (`Needs`), computed from the current model:
 
-
-def _strategy_inputs(strategy, model, cfg, layers, pool_x, val_x, val_y, seed, members=()):
-    """What `strategy` reads, extracted from the current model: pool probabilities and
-    BADGE factors always (one pass), PFK descriptors of the pool and validation set for
-    the PFK family, MC-dropout probabilities for var_ratio / bald / std."""
-    import pyfk
-    from pyfk.al.strategies import PoolInputs, ValInputs
-
+      probs, descriptors, badge, features   one pyfk.extract pass over the pool: its softmax,
+          its z/g descriptors (pseudo-labels cfg.pseudo_label; only when descriptors are read,
+          else the prediction, which needs no reference), its BADGE factors, and for
+          `features` the penultimate features h (the BADGE factor without its bias column);
+      mc_probs   passes="mc_dropout": cfg.mc_passes dropout passes of the model (K, N, C);
+                 passes="ensemble": the model's softmax and each member's, (1 + len(members), N, C);
+      val        the validation set extracted with true-label gradients (also the reference of
+                 pseudo_label="map" when descriptors are read).
+    PoolInputs.n is always the pool size (all that `random` reads).
+    """
+    fields = set(needs.pool)
+    pseudo = cfg.pseudo_label if "descriptors" in fields else "argmax"
     val_ext = None
-    if strategy in PFK_FAMILY or cfg.pseudo_label == "map":
-        val_ext = pyfk.extract(model, DataLoader(TensorDataset(val_x, torch.from_numpy(val_y)), batch_size=256),
-                               layers, with_true=True, progress=False)
-    pool = pyfk.extract(model, DataLoader(TensorDataset(pool_x), batch_size=256), layers,
-                        pseudo_label=cfg.pseudo_label, badge=True, seed=seed, mc_passes=cfg.mc_passes,
-                        map_reference=(val_ext.descriptors, val_y) if cfg.pseudo_label == "map" else None,
-                        progress=False)
-    # coreset's embedding: the penultimate features h (the BADGE factor without its bias column)
-    features = pyfk.Descriptors([np.ascontiguousarray(np.asarray(pool.badge.z[0])[:, :-1])])
-    mc = None
-    if strategy in ("var_ratio", "bald", "std"):
-        mc = mc_dropout(model, pool_x, cfg.mc_passes, _seed_for(seed, 11))
-    elif strategy.startswith("ensemble_"):
-        mc = np.stack([predict(m, pool_x).numpy() for m in (model, *members)])
-    inputs = PoolInputs.from_extraction(pool, mc_probs=mc, features=features)
-    val, params = None, {}
-    if strategy in PFK_FAMILY:
-        val = ValInputs.from_extraction(val_ext)
-        params = {"k": cfg.k}
-    return inputs, val, params
+    if needs.val or pseudo == "map":
+        val_ext = extract(model, DataLoader(TensorDataset(val_x, torch.from_numpy(val_y)), batch_size=256),
+                          layers, with_true=True, progress=False)
+    inputs = {}
+    if fields & {"probs", "descriptors", "badge", "features"}:
+        with_badge = bool(fields & {"badge", "features"})
+        ext = extract(model, DataLoader(TensorDataset(pool_x), batch_size=256), layers,
+                      pseudo_label=pseudo, badge=with_badge, seed=seed, mc_passes=cfg.mc_passes,
+                      map_reference=(val_ext.descriptors, val_y) if pseudo == "map" else None, progress=False)
+        inputs.update(probs=ext.probs, descriptors=ext.descriptors, badge=ext.badge)
+        if "features" in fields:
+            inputs["features"] = Descriptors([np.ascontiguousarray(np.asarray(ext.badge.z[0])[:, :-1])])
+    if needs.passes == "mc_dropout":
+        inputs["mc_probs"] = mc_dropout(model, pool_x, cfg.mc_passes, _seed_for(seed, 11))
+    elif needs.passes == "ensemble":
+        inputs["mc_probs"] = np.stack([predict(m, pool_x).numpy() for m in (model, *members)])
+    pool = PoolInputs(**{name: inputs[name] for name in needs.pool}, n=int(pool_x.shape[0]))
+    val = ValInputs.from_extraction(val_ext) if needs.val else None
+    return pool, val
+
+
+def strategy_params(spec: Strategy, cfg: Config) -> dict:
+    """The strategy parameters set by the config: those named like a Config field (e.g. `k`)."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    return {name: getattr(cfg, name) for name in spec.params if name in names}
+
+
+def _check_model_for(cfg: Config, in_channels: int, classes: int, size: int) -> None:
+    """Strategies that read MC-dropout passes need a model with a Dropout module."""
+    mc = [s for s in cfg.strategies if strategies.STRATEGIES[s].needs.passes == "mc_dropout"]
+    if not mc:
+        return
+    with torch.random.fork_rng(devices=[]):  # the probe model leaves the global RNG as it was
+        probe = build_model(cfg.model, in_channels, classes, size)
+    if not _dropouts(probe):
+        raise ValueError(f"strategies: {mc} read MC-dropout passes, but model {cfg.model!r} has no Dropout "
+                         "module; use another model or strategy")
 
 
 def run(cfg: Config, path: str, *, log=print, progress: bool = True) -> dict:
     """Run (or resume) every strategy x seed; returns the results dict also saved as JSON."""
-    from pyfk.al import strategies as strat
-
     cfg.validate()
     ds = datasets.load(cfg.dataset, cfg.root)
+    _check_model_for(cfg, ds.x.shape[1], ds.classes, ds.x.shape[-1])
     split = datasets.biased_split(ds.y, imbalance=cfg.imbalance, minority=cfg.minority,
                                   val_per_class=cfg.val_per_class, test_per_class=cfg.test_per_class,
                                   label_noise=cfg.label_noise, seed=cfg.split_seed)
@@ -260,12 +293,11 @@ def run(cfg: Config, path: str, *, log=print, progress: bool = True) -> dict:
     pool_x, val_x, test_x = x_all[split.pool], x_all[split.val], x_all[split.test]
     pool_y = torch.from_numpy(split.pool_labels)  # what the annotator returns (noise applied)
     val_y, test_y = ds.y[split.val], ds.y[split.test]
-    layers = cfg.layers or _default_layers(cfg.model)
+    layers = cfg.layers or models.default_layers(cfg.model)
     log(f"pyfk run: {cfg.dataset}, pool {len(split.pool)} (per class {split.counts}), val {len(split.val)}, "
         f"test {len(split.test)}; minority {split.minority} at {cfg.imbalance:g}x; -> {path}")
     total = len(cfg.strategies) * len(cfg.seeds) * (cfg.rounds + 1)
     done = sum(len(state.rounds(f"{s}/seed{seed}")) for s in cfg.strategies for seed in cfg.seeds)
-    from tqdm.auto import tqdm
     bar = tqdm(total=total, initial=done, unit="round", desc="pyfk run", disable=not progress)
     pretrained = {}
 
@@ -302,8 +334,9 @@ def run(cfg: Config, path: str, *, log=print, progress: bool = True) -> dict:
                           "selected": [], "selection_seconds": 0.0}
                 if r < cfg.rounds:
                     t0 = time.perf_counter()
+                    spec = strategies.STRATEGIES[strategy]
                     members = []
-                    if strategy.startswith("ensemble_"):  # extra members: same labels, other seeds
+                    if spec.needs.passes == "ensemble":  # extra members: same labels, other seeds
                         for e in range(1, cfg.ensemble_size):
                             torch.manual_seed(_seed_for(seed, r, 5, e))
                             member = build_model(cfg.model, ds.x.shape[1], ds.classes, ds.x.shape[-1])
@@ -311,10 +344,10 @@ def run(cfg: Config, path: str, *, log=print, progress: bool = True) -> dict:
                                 member.load_state_dict(pretrained_init(seed), strict=False)
                             members.append(train(member, pool_x[labeled], pool_y[labeled], cfg.train_steps,
                                                  cfg.batch_size, cfg.lr, _seed_for(seed, r, 6, e)))
-                    inputs, val, params = _strategy_inputs(strategy, model, cfg, layers, pool_x, val_x, val_y, seed,
-                                                           members)
-                    sel = strat.select(strategy, inputs, cfg.budget, labeled=labeled, seed=_seed_for(seed, r, 4),
-                                       val=val, **params)
+                    inputs, val = strategy_inputs(spec.needs, model, cfg, layers, pool_x, val_x, val_y, seed,
+                                                  members)
+                    sel = strategies.select(strategy, inputs, cfg.budget, labeled=labeled,
+                                            seed=_seed_for(seed, r, 4), val=val, **strategy_params(spec, cfg))
                     record["selection_seconds"] = round(time.perf_counter() - t0, 3)
                     record["selected"] = sel.indices.tolist()
                     record["selected_minority"] = int(np.isin(ds.y[split.pool[sel.indices]], split.minority).sum())
@@ -324,12 +357,6 @@ def run(cfg: Config, path: str, *, log=print, progress: bool = True) -> dict:
                 bar.update(1)
     bar.close()
     return write_results(state, split)
-
-
-def _default_layers(model_name: str) -> list:
-    from pyfk.al import models
-
-    return models.default_layers(model_name)
 
 
 def write_results(state: Run, split=None) -> dict:

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-COMBINES = ("product", "sum", "features")
+from pyfk.engine.layout import COMBINES, Layout  # noqa: F401  (COMBINES re-exported)
+
 NORMALIZES = ("pcc", "l2", "none")
 EPS = 1e-10
 
@@ -176,19 +177,23 @@ def _all_finite(a) -> bool:
     return all(bool(np.isfinite(a[i:i + step]).all()) for i in range(0, a.shape[0], step))
 
 
-def segments(desc: Descriptors, combine: str) -> tuple[list, list[int], bool]:
-    """The column segments the kernels see, their widths and whether they pair.
+def as_descriptors(d, name: str) -> Descriptors:
+    """`d` if it is Descriptors, else what its `to_descriptors()` returns (a DescriptorStore's
+    memmaps, an Extraction's descriptors, ...); anything else raises TypeError naming `name`."""
+    if isinstance(d, Descriptors):
+        return d
+    convert = getattr(d, "to_descriptors", None)
+    if callable(convert):
+        out = convert()
+        if isinstance(out, Descriptors):
+            return out
+    raise TypeError(f"{name}: expected pyfk.Descriptors, a DescriptorStore or an Extraction, got {type(d).__name__}")
 
-    product: [z_1, g_1, z_2, g_2, ...], pairs multiplied;  sum: same columns,
-    one plain dot product;  features: [z_1, z_2, ...], one plain dot product.
-    """
-    if combine == "features":
-        return list(desc.z), list(desc.widths), False
-    parts, widths = [], []
-    for zj, gj in zip(desc.z, desc.g):
-        parts += [zj, gj]
-        widths += [zj.shape[1], gj.shape[1]]
-    return parts, widths, combine == "product"
+
+def segments(desc: Descriptors, combine: str) -> tuple[list, list[int], bool]:
+    """(parts, widths, product) of `Layout.of(desc, combine)`, for callers that want plain values."""
+    parts, layout = Layout.of(desc, combine)
+    return parts, list(layout.widths), layout.product
 
 
 def _as_tensor(a, device) -> torch.Tensor:

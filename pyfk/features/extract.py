@@ -16,7 +16,6 @@ from __future__ import annotations
 import difflib
 import math
 import sys
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,34 +23,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pyfk.engine.descriptors import Descriptors
+from pyfk.engine.search import topk
+from pyfk.features.extraction import Extraction
+from pyfk.features.writer import StoreWriter
 
 PSEUDO_LABELS = ("argmax", "true", "map", "mc")
-
-
-@dataclass
-class Extraction:
-    """What `extract` returns. Arrays are NumPy (or store memmaps), rows in loader order.
-
-    descriptors: z_j and g_j, g w.r.t. the label estimate `pseudo`.
-    probs (n, C) float32 softmax; pred (n,) argmax; labels (n,) or None; ids (n,);
-    pseudo (n,) the labels the gradients used;
-    grad_true: Descriptors (same z) with g w.r.t. the true labels, when asked (validation);
-    badge: the BADGE factors Descriptors(z=[[h, 1]], g=[p - onehot(pred)]), when asked;
-    meta: layers, widths, projection, pseudo_label, seed.
-    """
-
-    descriptors: Descriptors
-    probs: np.ndarray
-    pred: np.ndarray
-    labels: np.ndarray | None
-    ids: np.ndarray
-    pseudo: np.ndarray
-    grad_true: Descriptors | None = None
-    badge: Descriptors | None = None
-    meta: dict = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return int(self.pred.shape[0])
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -250,7 +226,6 @@ def extract(model: torch.nn.Module, loader, layers, pseudo_label: str = "argmax"
         channels_last = cuda
 
     if store is not None:
-        from pyfk.features.writer import StoreWriter
         config = dict(layers=list(layers), pseudo_label=pseudo_label, with_true=with_true, badge=badge,
                       badge_layer=badge_layer, projection=projection, seed=seed, dtype=dtype,
                       mc=[mc_passes, mc_degrees, mc_brightness] if pseudo_label == "mc" else None)
@@ -399,8 +374,6 @@ def _check_map_reference(ref):
 
 def _map_labels(z_batch, ref_desc, ref_labels):
     """Label of the most similar validation example under R_z (features, PCC)."""
-    from pyfk.api import topk
-
     zs = [z.cpu() for z in z_batch]
     ref_z = [torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a.cpu() for a in ref_desc.z]
     if [z.shape[1] for z in zs] != [a.shape[1] for a in ref_z]:

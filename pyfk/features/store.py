@@ -482,6 +482,10 @@ class DescriptorStore:
         """The committed rows of `name`: a view of its first rows_done rows (no copy)."""
         return self._get(name)[:self.rows_done]
 
+    def to_descriptors(self) -> Descriptors:
+        """What pyfk.topk / select / acquire read when given a store: its committed z/g rows."""
+        return self.descriptors()
+
     def descriptors(self, rows="done", z_prefix: str = "z", g_prefix: str | None = "g", *,
                     same_widths: bool = True) -> Descriptors:
         """A `pyfk.Descriptors` over the committed rows (memmap views, no copy).

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, SequentialSampler, Subset
 
+from pyfk.features.extraction import Extraction
 from pyfk.features.store import DescriptorStore
 
 
@@ -117,23 +118,18 @@ class StoreWriter:
         return self.extraction()
 
     def extraction(self):
-        from pyfk.features.extract import Extraction
-
-        store = DescriptorStore.open(self.path, "r")
-        return extraction_from_store(store, Extraction)
+        return extraction_from_store(DescriptorStore.open(self.path, "r"))
 
 
-def extraction_from_store(store: DescriptorStore, cls=None):
+def extraction_from_store(store: DescriptorStore) -> Extraction:
     """An Extraction whose arrays are the store's memmaps (read-only views)."""
-    if cls is None:
-        from pyfk.features.extract import Extraction as cls
     names = set(store.names)
     labels = store.rows("labels")
     grad_true = store.descriptors(g_prefix="g_true") if "g_true0" in names else None
     badge = None
     if "badge_h0" in names:
         badge = store.descriptors(z_prefix="badge_h", g_prefix="badge_e", same_widths=False)
-    return cls(store.descriptors(), store.rows("probs"), store.rows("pred"),
+    return Extraction(store.descriptors(), store.rows("probs"), store.rows("pred"),
                None if (labels < 0).all() else labels, store.rows("ids"), store.rows("pseudo"),
                grad_true, badge, dict(store.meta.get("extract", {}), store=store.path))
 

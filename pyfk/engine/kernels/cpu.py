@@ -1,4 +1,4 @@
-"""Launcher for the fused C++ CPU kernels in `pyfk._C` (csrc/cpu).
+"""Backend `cpu`: launcher for the fused C++ CPU kernels in `pyfk._C` (csrc/cpu).
 
 Queries arrive normalised (M, D) float32; the pool arrives raw -- the user's own
 per-scale arrays, float32 or float16, with a row slice or a row list -- and the
@@ -9,28 +9,39 @@ one chunk at a time here.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import numpy as np
 import torch
 
-try:
-    from pyfk import _C
+from pyfk.engine.backend import Backend, register
+from pyfk.engine.topk_state import TopK
+
+try:  # import_module, not `from pyfk import`: a missing module then says "No module named ..."
+    _C = importlib.import_module("pyfk._C")
     IMPORT_ERROR = None
 except ImportError as exc:  # the package still imports; backends() says why
     _C = None
     IMPORT_ERROR = f"the C++ extension pyfk._C is not built or failed to load ({exc})"
 
-# Instruction set used when a call does not name one: "auto" picks the best the
-# CPU runs; tests set "avx2"/"generic" to exercise every variant on one machine.
-DEFAULT_ISA = os.environ.get("PYFK_CPU_ISA", "auto")
+ISA_ENV = "PYFK_CPU_ISA"  # process-wide default instruction set, read at every call
 
 _NATIVE = (np.float32, np.float16)
 _CALL_FLOPS = 1 << 36  # pool rows per call: ~0.1-0.5 s of work, so Ctrl-C and progress stay live
 
 
 def isa() -> str:
-    return _C.isa_default() if _C is not None else "none"
+    """The instruction set a call without an `isa` option uses here."""
+    if _C is None:
+        return "none"
+    forced = default_isa()
+    return _C.isa_default() if forced == "auto" else forced
+
+
+def default_isa() -> str:
+    """PYFK_CPU_ISA ("avx512", "avx2", "generic"; default "auto": the best this CPU runs)."""
+    return os.environ.get(ISA_ENV, "auto") or "auto"
 
 
 def _threads(threads):
@@ -81,7 +92,7 @@ def topk_update(q, parts, sel, normalize, widths, product, k, index_offset, scor
     segs, rows = pool_segments(parts, sel)
     s, ix = _np(scores), _np(index)
     _C.topk_update(_np(q), segs, rows, normalize, bool(product), int(index_offset), s, ix,
-                   _threads(threads), isa or DEFAULT_ISA)
+                   _threads(threads), isa or default_isa())
     return torch.from_numpy(s), torch.from_numpy(ix)
 
 
@@ -91,5 +102,34 @@ def similarity(q, p, widths, product, *, threads=None, isa=None):
     cols = np.cumsum([0, *widths])
     segs = [p_np[:, a:b] for a, b in zip(cols[:-1], cols[1:])]
     out = np.empty((q.shape[0], p.shape[0]), dtype=np.float32)
-    _C.similarity(_np(q), segs, "none", bool(product), out, _threads(threads), isa or DEFAULT_ISA)
+    _C.similarity(_np(q), segs, "none", bool(product), out, _threads(threads), isa or default_isa())
     return torch.from_numpy(out)
+
+
+class CpuBackend(Backend):
+    """Options: threads (None: torch.get_num_threads()), isa (None: $PYFK_CPU_ISA or "auto")."""
+
+    name = "cpu"
+    devices = ("cpu",)
+    description = "fused C++ kernel (AVX-512/AVX2/SSE2), running top-k, std::thread"
+    options = {"threads": None, "isa": None}
+    auto_priority = {"cpu": 0}
+
+    def unavailable_reason(self):
+        return IMPORT_ERROR
+
+    def chunk_rows(self, m, width, options):
+        return chunk_rows(m, width)
+
+    def topk(self, queries, pool, rows, k, state, offset, options):
+        s, i = topk_update(queries, pool.parts, rows, pool.normalize, pool.layout.widths, pool.layout.product,
+                           k, offset, state.scores.clone(), state.index.clone(),
+                           threads=options["threads"], isa=options["isa"])
+        return TopK(s, i)
+
+    def similarity(self, queries, block, layout, options):
+        return similarity(queries, block, layout.widths, layout.product, threads=options["threads"],
+                          isa=options["isa"])
+
+
+register(CpuBackend())

@@ -1,14 +1,15 @@
-"""The "cuda" backend: torch GEMMs for the score tiles + CUDA k-selection (`pyfk._C_cuda`).
+"""Backend `cuda`: torch GEMMs for the score tiles + CUDA k-selection (`pyfk._C_cuda`).
 
 Per pool tile of T rows, the (M, T) float32 scores are the Hadamard product of the
 per-scale Grams (product) or one Gram (dot), computed with torch GEMMs; the exact
 top-k is then selected by `_C_cuda.select_topk` (csrc/cuda/kselect.cu), which merges
-the tile straight into the running (M, k) state of packed int64 keys (the key space of
-`pyfk.engine.kernels.torch`: ties go to the smaller pool index) -- no torch.topk, no
-(M, T) key tensor. `merge_keys` merges two sorted key lists for callers that keep
-tile results apart.
+the tile straight into the running (M, k) state of packed int64 keys (the key spec of
+`pyfk.engine.topk_state`, mirrored by csrc/cuda/kselect.cuh: ties go to the smaller pool
+index) -- no torch.topk, no (M, T) key tensor. `merge_keys` merges two sorted key lists
+for callers that keep tile results apart.
 
-GEMM precision (`PYFK_CUDA_GEMM`, or the `gemm_dtype` argument):
+GEMM precision (option `gemm`, e.g. pyfk.topk(..., options={"gemm": "tf32"}); default
+from $PYFK_CUDA_GEMM, read at every call, else "auto"):
     "auto"      (default) bfloat16/float16 GEMMs when the pool descriptors are stored in
                 that dtype, float32 otherwise; always float32 accumulation and output;
     "float32"   exact float32 GEMMs (the torch reference's arithmetic);
@@ -19,27 +20,37 @@ Selection is exact in every mode: only the scores carry the GEMM's rounding.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
 
-from pyfk.engine.kernels import torch as _reference
+from pyfk.engine import topk_state
+from pyfk.engine.backend import Backend, register
+from pyfk.engine.layout import Layout
+from pyfk.engine.topk_state import TopK, pack_keys
 
-try:
-    from pyfk import _C_cuda
+try:  # import_module, not `from pyfk import`: a missing module then says "No module named ..."
+    _C_cuda = importlib.import_module("pyfk._C_cuda")
     IMPORT_ERROR = None
 except ImportError as exc:  # the package still imports; backends() says why
     _C_cuda = None
     IMPORT_ERROR = f"the CUDA extension pyfk._C_cuda is not built or failed to load ({exc})"
 
 MAX_K = 1024
-MAX_INDEX = (1 << 32) - 2
-EMPTY_KEY = -9187343239835811841  # reference.pack_keys(-inf, -1): an empty state slot
+# The key spec (pyfk.engine.topk_state); csrc/cuda/kselect.cuh mirrors both (tests/engine/test_key_spec.py).
+MAX_INDEX = topk_state.MAX_INDEX
+EMPTY_KEY = topk_state.EMPTY_KEY  # pack_keys(-inf, -1): an empty state slot
 GEMM_MODES = ("auto", "float32", "tf32", "bfloat16", "float16")
-DEFAULT_GEMM = os.environ.get("PYFK_CUDA_GEMM", "auto")
+GEMM_ENV = "PYFK_CUDA_GEMM"  # the default of option `gemm`, read at every call
 _TILE_ELEMENTS = 1 << 27  # M x T float32 scores per tile (512 MiB); a Gram or two more in flight
 _HALF = (torch.bfloat16, torch.float16)
 _mm_out_dtype_ok: bool | None = None  # torch.mm(..., out_dtype=float32) works here (probed once)
+
+
+def default_gemm() -> str:
+    """$PYFK_CUDA_GEMM (one of GEMM_MODES), else "auto": what option gemm=None means."""
+    return os.environ.get(GEMM_ENV, "auto") or "auto"
 
 
 def available() -> str | None:
@@ -119,12 +130,9 @@ def scores_tile(q: torch.Tensor, p: torch.Tensor, widths, product: bool, dtype=t
     if not product:
         return _gram(q, p, dtype)
     out = None
-    col = 0
-    for wz, wg in zip(widths[0::2], widths[1::2]):
-        zz = _gram(q[:, col:col + wz], p[:, col:col + wz], dtype)
-        col += wz
-        zz.mul_(_gram(q[:, col:col + wg], p[:, col:col + wg], dtype))
-        col += wg
+    for z, g in Layout(tuple(widths), "product").pairs():
+        zz = _gram(q[:, z], p[:, z], dtype)
+        zz.mul_(_gram(q[:, g], p[:, g], dtype))
         out = zz if out is None else out.add_(zz)
     return out
 
@@ -141,7 +149,8 @@ def topk_update(q, p, widths, product, k, index_offset, scores, index, *, gemm_d
     (M, k) state (scores float32, index int64; -1 = empty). Returns the new state.
 
     Same contract as `pyfk.engine.kernels.torch.topk_update`; q and p are normalised CUDA
-    tensors; `gemm_dtype` is torch.float32, torch.bfloat16, torch.float16 or "tf32".
+    tensors; `gemm_dtype` is torch.float32, torch.bfloat16, torch.float16 or "tf32" (see
+    `resolve_gemm_dtype`).
     """
     reason = available()
     if reason is not None:
@@ -164,7 +173,7 @@ def _update(lib, stream, q, p, widths, product, k, index_offset, scores, index, 
     m, n = q.shape[0], p.shape[0]
     if m == 0 or n == 0:
         return scores, index
-    keys = _reference.pack_keys(scores.to(q.device, torch.float32), index.to(q.device)).contiguous()
+    keys = pack_keys(scores.to(q.device), index.to(q.device)).contiguous()  # the state, in place
     tile = tile or tile_columns(m, k)
     qc = _operand(q, gemm_dtype)
     for start in range(0, n, tile):
@@ -222,18 +231,46 @@ def select_keys(block: torch.Tensor, k: int, index_offset: int = 0, init: torch.
     return out
 
 
-# ----------------------------------------------------------------------------- registry adapter
-
-def registry_topk_update(q, parts, sel, normalize, widths, product, k, offset, scores, index):
-    """`Backend.topk_update` for pyfk.registry: normalise the pool chunk on q's device, then topk_update."""
-    from pyfk.engine.descriptors import normalized_block
-
-    pool_dtype = parts[0].dtype if isinstance(parts[0], torch.Tensor) else None
-    dtype = resolve_gemm_dtype(DEFAULT_GEMM, pool_dtype)
-    p = normalized_block(parts, sel, normalize, device=q.device)
-    return topk_update(q, p, widths, product, k, offset, scores, index, gemm_dtype=dtype)
-
+# ----------------------------------------------------------------------------- the backend
 
 def chunk_rows(m: int, width: int) -> int:
-    """Pool rows per registry call: a ~1 GiB normalised float32 chunk."""
+    """Pool rows per `topk` call: a ~1 GiB normalised float32 chunk."""
     return max(4096, (1 << 30) // (4 * max(width, 1)))
+
+
+def _pool_dtype(parts) -> torch.dtype | None:
+    first = parts[0]
+    return first.dtype if isinstance(first, torch.Tensor) else None
+
+
+class CudaBackend(Backend):
+    """Option gemm: one of GEMM_MODES, or None (the default): $PYFK_CUDA_GEMM, read at every
+    call, else "auto" (see the module docstring)."""
+
+    name = "cuda"
+    devices = ("cuda",)
+    description = ("torch GEMMs (Hadamard product of per-scale Grams) + CUDA k-selection "
+                   "(pyfk._C_cuda: exact block select fused with the running top-k merge)")
+    options = {"gemm": None}
+    auto_priority = {"cuda": 1}
+
+    def unavailable_reason(self):
+        return available()
+
+    def resolve_options(self, options):
+        opts = super().resolve_options(options)
+        if opts["gemm"] is not None and opts["gemm"] not in GEMM_MODES:
+            raise ValueError(f"gemm: expected None or one of {list(GEMM_MODES)}, got {opts['gemm']!r}")
+        return opts
+
+    def chunk_rows(self, m, width, options):
+        return chunk_rows(m, width)
+
+    def topk(self, queries, pool, rows, k, state, offset, options):
+        dtype = resolve_gemm_dtype(options["gemm"] or default_gemm(), _pool_dtype(pool.parts))
+        s, i = topk_update(queries, pool.block(rows), pool.layout.widths, pool.layout.product, k, offset,
+                           state.scores, state.index, gemm_dtype=dtype)
+        return TopK(s, i)
+
+
+register(CudaBackend())

@@ -1,4 +1,4 @@
-"""Fused Triton kernel: multi-scale Hadamard-Gram similarity with running top-k.
+"""Backend `triton`: fused Triton kernel: multi-scale Hadamard-Gram similarity with running top-k.
 
 Math (queries q, pool items p, both normalised, columns = segments of `widths`):
     product:  R(q, p) = sum_j (q_zj . p_zj) * (q_gj . p_gj)     (segments in pairs z_1, g_1, z_2, g_2, ...)
@@ -15,18 +15,19 @@ Kernel (`_fk_topk_kernel`), grid = (cdiv(M, BLOCK_M), SPLITS):
     mode; plain-dot mode is one K loop over all D columns). float32 inputs use
     input_precision="ieee" (exact fp32) unless allow_tf32=True.
   * selection in registers: the scores are packed into int64 keys exactly like
-    `reference.pack_keys` (order-preserving float32 bits in the high word,
-    2**32 - 2 - global index in the low word; global index = index_offset + pool
-    row), so key order == (score descending, index ascending). The program keeps
-    a running (BLOCK_M, K_PAD) int64 block sorted descending per row. A tile is
-    merged only if some row's best tile key beats its K_PAD-th running key:
-    each K_PAD-wide part of the tile is sorted ascending (tl.sort), taken
+    `pyfk.engine.topk_state.pack_keys`, the one key spec (order-preserving float32
+    bits in the high word, 2**32 - 2 - global index in the low word; global index =
+    index_offset + pool row), so key order == (score descending, index ascending).
+    The program keeps a running (BLOCK_M, K_PAD) int64 block sorted descending per
+    row. A tile is merged only if some row's best tile key beats its K_PAD-th
+    running key: each K_PAD-wide part of the tile is sorted ascending (tl.sort), taken
     elementwise max with the running block (a bitonic merge step: it leaves the
     K_PAD largest of the union) and the result sorted descending again.
     (tl.topk / tl.flip are not used; tl.sort, reshape, permute and split exist in
     triton 3.x.) Padded pool rows get the empty key pack(-inf, -1).
-  * output: (M, SPLITS, K_PAD) int64 keys; the launcher merges the splits and
-    the incoming (M, k) state with the same key ordering (exact, tie-stable).
+  * output: (M, SPLITS, K_PAD) int64 keys (`kernel_keys`); the launcher
+    (`topk_update`) merges the splits into the incoming (M, k) state with
+    `TopK.merge` (exact, tie-stable).
 
 Registers per program: the float32 (BLOCK_M, BLOCK_N) accumulators (3 in product
 mode), the int64 (BLOCK_M, K_PAD) running keys and the tile keys being sorted.
@@ -39,8 +40,12 @@ returns those float32 scores. The answer is exact unless more than K_PAD - k poo
 items come within the low-precision rounding error of the k-th best score.
 
 Limits: k <= 128 in the kernel (K_PAD = next power of two >= k, at least 16);
-k > 128 falls back to `reference.topk_update` (dense tiles + torch.topk).
+k > 128 falls back to the torch backend's `topk_update` (dense tiles + torch.topk).
 Global indices must stay below 2**32 - 1.
+
+Backend options (pyfk.topk(..., backend="triton", options={...})): `splits` (pool
+splits per query block; None = enough programs to fill the GPU) and `allow_tf32`
+(float32 dots on TF32 tensor cores; default False: exact IEEE fp32).
 """
 
 from __future__ import annotations
@@ -48,10 +53,13 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import numpy as np
 import torch
 
-from pyfk.engine.descriptors import normalized_block
-from pyfk.engine.kernels import torch as _reference
+from pyfk.engine.backend import Backend, register
+from pyfk.engine.kernels import torch as _torch_kernel
+from pyfk.engine.layout import Layout
+from pyfk.engine.topk_state import EMPTY_KEY, MAX_INDEX, TopK, pack_keys, unpack_keys
 
 # triton is imported on first use (`_load`), never at import time: the interpreter
 # (TRITON_INTERPRET=1) only works when it is set before triton is first imported.
@@ -60,8 +68,6 @@ tl = None
 _IMPORT_ERROR: str | None = None
 
 MAX_K = 128
-_LOW = 1 << 32
-_EMPTY_KEY = int(_reference.pack_keys(torch.tensor([float("-inf")]), torch.tensor([-1]))[0])
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -97,7 +103,7 @@ def _fk_topk_kernel(Q, P, SEG, OUT, M, N, D, n_pairs, index_offset, tiles_per_sp
                     stride_qm, stride_pn,
                     PRODUCT: tl.constexpr, BLOCK_M: tl.constexpr, K_PAD: tl.constexpr,
                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                    EMPTY: tl.constexpr, TILE_R: tl.constexpr, BLOCK_N: tl.constexpr):
+                    EMPTY: tl.constexpr, MAX_INDEX: tl.constexpr, TILE_R: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -140,12 +146,13 @@ def _fk_topk_kernel(Q, P, SEG, OUT, M, N, D, n_pairs, index_offset, tiles_per_sp
                 a = tl.load(q_rows + c[None, :], mask=row_ok[:, None] & cm[None, :], other=0.0)
                 b = tl.load(p_cols + c[:, None], mask=cm[:, None] & col_ok[None, :], other=0.0)
                 acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        # pack (score, global index) into order-preserving int64 keys
+        # pack (score, global index) into int64 keys: pyfk.engine.topk_state.pack_keys, mirrored
+        # here (tests/engine/test_key_spec.py holds the two to one answer)
         s = tl.where(acc == 0.0, 0.0, acc)  # fold -0 into +0
         bits = s.to(tl.int32, bitcast=True)
-        bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # float order == signed int order
         gidx = cols.to(tl.int64) + index_offset
-        keys = (bits.to(tl.int64) << 32) + (4294967294 - gidx)[None, :]
+        keys = (bits.to(tl.int64) << 32) + (MAX_INDEX - gidx)[None, :]  # MAX_INDEX = 2**32 - 2
         keys = tl.where(col_ok[None, :], keys, EMPTY)
         # merge only when some row's best tile key beats its K_PAD-th running key
         beats = tl.max(keys, axis=1) > tl.min(running, axis=1)
@@ -184,14 +191,14 @@ def _next_pow2(x: int) -> int:
 
 
 def _seg_table(widths, product: bool, device) -> torch.Tensor:
-    rows, col = [], 0
-    if product:
-        for wz, wg in zip(widths[0::2], widths[1::2]):
-            rows.append([col, wz, col + wz, wg])
-            col += wz + wg
-    if not rows:
-        rows = [[0, 0, 0, 0]]
-    return torch.tensor(rows, dtype=torch.int32, device=device)
+    """int32 (S/2, 4) [z offset, z width, g offset, g width] per (z_j, g_j) pair; one zero row in dot mode."""
+    rows = [[z.start, z.stop - z.start, g.start, g.stop - g.start] for z, g in _pairs(widths, product)]
+    return torch.tensor(rows or [[0, 0, 0, 0]], dtype=torch.int32, device=device)
+
+
+def _pairs(widths, product: bool) -> list[tuple[slice, slice]]:
+    """(z_j, g_j) column slices when product, else none (one plain dot product)."""
+    return Layout(tuple(widths), "product").pairs() if product else []
 
 
 def _exact_scores(q32, p32, widths, product, cand, index_offset):
@@ -200,6 +207,7 @@ def _exact_scores(q32, p32, widths, product, cand, index_offset):
     m, r = cand.shape
     out = torch.full((m, r), float("-inf"), dtype=torch.float32, device=q32.device)
     d = q32.shape[1]
+    pairs = _pairs(widths, product)
     step = max(1, (1 << 24) // max(1, r * d))
     for lo in range(0, m, step):
         hi = min(m, lo + step)
@@ -210,12 +218,9 @@ def _exact_scores(q32, p32, widths, product, cand, index_offset):
         prod = prow * q32[lo:hi, None, :]
         if product:
             total = None
-            col = 0
-            for wz, wg in zip(widths[0::2], widths[1::2]):
-                zz = prod[..., col:col + wz].sum(-1)
-                col += wz
-                gg = prod[..., col:col + wg].sum(-1)
-                col += wg
+            for z, g in pairs:
+                zz = prod[..., z].sum(-1)
+                gg = prod[..., g].sum(-1)
                 total = zz * gg if total is None else total + zz * gg
         else:
             total = prod.sum(-1)
@@ -230,35 +235,30 @@ def _default_splits(m_blocks: int, n_tiles: int, device) -> int:
     return 1
 
 
-def topk_update(q, p, widths, product, k, index_offset, scores, index, *, splits=None, allow_tf32=False,
-                q_exact=None, p_exact=None, block_m=None, block_k=None, tile_r=None, num_warps=4):
-    """Merge the top-k of q x p (pool rows numbered from index_offset) into the sorted
-    (M, k) state (scores float32, index int64; -1 = empty). Returns the new state.
+def check_splits(splits) -> int | None:
+    """Option `splits`: None or a positive int; anything else raises ValueError naming it."""
+    if splits is None:
+        return None
+    if isinstance(splits, bool) or not isinstance(splits, (int, np.integer)) or splits < 1:
+        raise ValueError(f"splits: expected None or a positive integer, got {splits!r}")
+    return int(splits)
 
-    q (M, D), p (N, D): normalised, same dtype (float32, float16 or bfloat16; others
-    are computed in float32). widths: segment widths (pairs z_j, g_j when product).
-    k <= 128 runs the fused kernel; k > 128 falls back to `reference.topk_update`.
-    splits: pool splits per query block (default: enough programs to fill the GPU).
-    allow_tf32: float32 dots on TF32 tensor cores instead of exact IEEE fp32.
-    q_exact / p_exact: float32 copies of q / p used to re-rank float16/bfloat16
-    results exactly (default: q.float() / p.float()).
-    block_m / block_k / tile_r / num_warps: tuning (query rows per program, K step,
-    pool tile = tile_r x K_PAD rows with tile_r in {1, 2}, warps).
+
+def kernel_keys(q, p, widths, product, k, index_offset, *, splits=None, allow_tf32=False, block_m=None,
+                block_k=None, tile_r=None, num_warps=4) -> torch.Tensor:
+    """The fused kernel's raw output: (M, S, K_PAD) int64 keys (pyfk.engine.topk_state.pack_keys
+    of (score, index_offset + pool row)), per query row and pool split s the K_PAD best of that
+    split sorted descending, padded with EMPTY_KEY; K_PAD = max(16, next power of two >= k).
+
+    q (M, D), p (N, D): normalised, same dtype (float32, float16 or bfloat16), contiguous;
+    1 <= k <= 2 * MAX_K. S = the splits actually launched (at most `splits`).
     """
     m, n = q.shape[0], p.shape[0]
-    if k > MAX_K:
-        q32 = q_exact if q_exact is not None else q.float()
-        p32 = p_exact if p_exact is not None else p.float()
-        return _reference.topk_update(q32, p32, widths, product, k, index_offset, scores, index)
-    if m == 0 or n == 0:
-        return scores, index
-    if q.dtype != p.dtype or q.dtype not in (torch.float32, *_LOW_PRECISION):
-        q, p = q.float(), p.float()
     low = q.dtype in _LOW_PRECISION
-    q = q.contiguous()
-    p = p.contiguous()
     d = q.shape[1]
-    k_pad = max(16, _next_pow2(2 * k if low else k))
+    k_pad = max(16, _next_pow2(k))
+    if m == 0 or n == 0:
+        return torch.full((m, 1, k_pad), EMPTY_KEY, dtype=torch.int64, device=q.device)
     # defaults: a ~64 x 32 score tile per program (spill-free at 4 warps on sm_90)
     bm = block_m or (64 if k_pad <= 32 else max(16, 2048 // k_pad))
     bk = block_k or (32 if q.dtype == torch.float32 else 64)
@@ -278,29 +278,67 @@ def topk_update(q, p, widths, product, k, index_offset, scores, index, *, splits
         q, p, seg, out, m, n, d, len(widths) // 2 if product else 0, int(index_offset), tiles_per_split, splits,
         q.stride(0), p.stride(0),
         PRODUCT=bool(product), BLOCK_M=bm, K_PAD=k_pad, BLOCK_K=bk, PRECISION=precision,
-        EMPTY=_EMPTY_KEY, TILE_R=tile_r, BLOCK_N=k_pad * tile_r,
+        EMPTY=EMPTY_KEY, MAX_INDEX=MAX_INDEX, TILE_R=tile_r, BLOCK_N=k_pad * tile_r,
         num_warps=num_warps)
-    cand = out.view(m, splits * k_pad)
-    if low:
+    return out
+
+
+def topk_update(q, p, widths, product, k, index_offset, scores, index, *, splits=None, allow_tf32=False,
+                q_exact=None, p_exact=None, block_m=None, block_k=None, tile_r=None, num_warps=4):
+    """Merge the top-k of q x p (pool rows numbered from index_offset) into the sorted
+    (M, k) state (scores float32, index int64; -1 = empty). Returns the new state.
+
+    q (M, D), p (N, D): normalised, same dtype (float32, float16 or bfloat16; others
+    are computed in float32). widths: segment widths (pairs z_j, g_j when product).
+    k <= 128 runs the fused kernel; k > 128 falls back to the torch backend's `topk_update`.
+    splits: pool splits per query block (default: enough programs to fill the GPU).
+    allow_tf32: float32 dots on TF32 tensor cores instead of exact IEEE fp32.
+    q_exact / p_exact: float32 copies of q / p used to re-rank float16/bfloat16
+    results exactly (default: q.float() / p.float()).
+    block_m / block_k / tile_r / num_warps: tuning (query rows per program, K step,
+    pool tile = tile_r x K_PAD rows with tile_r in {1, 2}, warps).
+    """
+    m, n = q.shape[0], p.shape[0]
+    if k > MAX_K:
+        q32 = q_exact if q_exact is not None else q.float()
+        p32 = p_exact if p_exact is not None else p.float()
+        return _torch_kernel.topk_update(q32, p32, widths, product, k, index_offset, scores, index)
+    if m == 0 or n == 0:
+        return scores, index
+    if q.dtype != p.dtype or q.dtype not in (torch.float32, *_LOW_PRECISION):
+        q, p = q.float(), p.float()
+    low = q.dtype in _LOW_PRECISION
+    q = q.contiguous()
+    p = p.contiguous()
+    keys = kernel_keys(q, p, widths, product, 2 * k if low else k, index_offset, splits=splits,
+                       allow_tf32=allow_tf32, block_m=block_m, block_k=block_k, tile_r=tile_r,
+                       num_warps=num_warps)
+    k_pad = keys.shape[2]
+    cand = keys.view(m, -1)
+    if low:  # re-rank the best K_PAD (>= 2k) low-precision candidates in float32
         r = min(cand.shape[1], k_pad)
         top = cand.topk(r, dim=1, sorted=True).values if r < cand.shape[1] else cand
-        _, cidx = _reference.unpack_keys(top)
+        _, cidx = unpack_keys(top)
         q32 = q_exact if q_exact is not None else q.float()
         p32 = p_exact if p_exact is not None else p.float()
         exact = _exact_scores(q32.to(q.device), p32.to(q.device), list(widths), product, cidx, index_offset)
-        cand = _reference.pack_keys(exact, cidx)
-    state = _reference.pack_keys(scores.to(torch.float32), index)
-    keys = torch.cat([state, cand], dim=1).topk(k, dim=1, sorted=True).values
-    s, i = _reference.unpack_keys(keys)
-    return s.contiguous(), i.contiguous()
+        cand = pack_keys(exact, cidx)
+    state = TopK(scores, index).merge(TopK.from_keys(cand))
+    return state.scores, state.index
 
 
 def similarity(q, p, widths, product):
     """Dense (M, N) scores (small inputs only): the torch reference."""
-    return _reference.similarity(q.float(), p.float(), widths, product)
+    return _torch_kernel.similarity(q.float(), p.float(), widths, product)
+
+
+def chunk_rows(m: int, width: int) -> int:
+    """Pool rows per call: a ~512 MiB normalised float32 chunk."""
+    return max(4096, (512 << 20) // (4 * max(width, 1)))
 
 
 def _parts_low_dtype(parts):
+    """float16 / bfloat16 when every pool segment is a torch tensor of that one dtype, else None."""
     dtypes = {a.dtype if isinstance(a, torch.Tensor) else None for a in parts}
     if len(dtypes) == 1:
         dt = dtypes.pop()
@@ -309,18 +347,43 @@ def _parts_low_dtype(parts):
     return None
 
 
-def backend_topk_update(q, parts, sel, normalize, widths, product, k, offset, scores, index):
-    """Registry adapter: normalise the pool chunk on q's device, compute in the pool's
-    dtype when it is float16/bfloat16 (re-ranked exactly in float32), else float32."""
-    p32 = normalized_block(parts, sel, normalize, device=q.device)
-    q32 = q.float()
-    low = _parts_low_dtype(parts)
-    if low is not None and k <= MAX_K:
-        return topk_update(q32.to(low), p32.to(low), widths, product, k, offset, scores, index,
+class TritonBackend(Backend):
+    """Options: splits (pool splits per query block; None = enough programs to fill the GPU),
+    allow_tf32 (float32 dots on TF32 tensor cores instead of exact IEEE fp32).
+
+    The pool chunk is normalised on the device and computed in the pool's dtype when every
+    segment is float16/bfloat16 (candidates re-ranked exactly in float32), else in float32.
+    """
+
+    name = "triton"
+    devices = ("cuda",)
+    description = "fused Triton Hadamard-Gram top-k (tl.dot, in-register bitonic top-k)"
+    options = {"splits": None, "allow_tf32": False}
+    auto_priority = {"cuda": 0}
+
+    def unavailable_reason(self):
+        return available()
+
+    def resolve_options(self, options):
+        """The defaults updated with `options`, checked (ValueError naming a bad option)."""
+        opts = super().resolve_options(options)
+        check_splits(opts["splits"])
+        if not isinstance(opts["allow_tf32"], (bool, np.bool_)):
+            raise ValueError(f"allow_tf32: expected True or False, got {opts['allow_tf32']!r}")
+        return opts
+
+    def chunk_rows(self, m, width, options):
+        return chunk_rows(m, width)
+
+    def topk(self, queries, pool, rows, k, state, offset, options):
+        p32 = pool.block(rows)
+        q32 = queries.float()
+        low = _parts_low_dtype(pool.parts) if k <= MAX_K else None
+        q, p = (q32.to(low), p32.to(low)) if low is not None else (q32, p32)
+        s, i = topk_update(q, p, pool.layout.widths, pool.layout.product, k, offset, state.scores, state.index,
+                           splits=options["splits"], allow_tf32=bool(options["allow_tf32"]),
                            q_exact=q32, p_exact=p32)
-    return topk_update(q32, p32, widths, product, k, offset, scores, index)
+        return TopK(s, i)
 
 
-def chunk_rows(m: int, width: int) -> int:
-    """Pool rows per call: a ~512 MiB normalised float32 chunk."""
-    return max(4096, (512 << 20) // (4 * max(width, 1)))
+register(TritonBackend())

@@ -4,14 +4,14 @@ The computation is written once (`run_case`) and run through each backend,
 over combine x normalize x dtype x shapes, on fresh random inputs.
 """
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 
 import pyfk
 from pyfk.engine import registry
+from pyfk.engine.layout import Layout
+from pyfk.engine.topk_state import TopK
 from tests.conftest import as_float64, make_arrays, make_descriptors
 from tests.oracle import assert_valid_topk, similarity64, tolerance, topk64
 
@@ -41,8 +41,7 @@ def run_case(rng, backend, M, N, widths, k, combine, normalize, dtype=np.float32
 @pytest.mark.parametrize("combine", ["product", "sum", "features"])
 @pytest.mark.parametrize("normalize", ["pcc", "l2", "none"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"M{s[0]}N{s[1]}L{'-'.join(map(str, s[2]))}k{s[3]}")
-def test_topk_matches_oracle(backend, combine, normalize, shape):
-    rng = np.random.default_rng()
+def test_topk_matches_oracle(rng, backend, combine, normalize, shape):
     M, N, widths, k = shape
     scores, index, S, tol = run_case(rng, backend, M, N, widths, k, combine, normalize)
     assert isinstance(scores, np.ndarray) and scores.dtype == np.float32
@@ -50,24 +49,21 @@ def test_topk_matches_oracle(backend, combine, normalize, shape):
 
 
 @pytest.mark.parametrize("combine", ["product", "sum", "features"])
-def test_cpu_every_isa(cpu_isa, combine):
-    rng = np.random.default_rng()
+def test_cpu_every_isa(rng, cpu_isa, combine):
     for M, N, widths, k in SHAPES:
         scores, index, S, tol = run_case(rng, "cpu", M, N, widths, k, combine, "pcc")
         assert_valid_topk(scores, index, S, k, tol)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float64])
-def test_numpy_dtypes(backend, dtype):
-    rng = np.random.default_rng()
+def test_numpy_dtypes(rng, backend, dtype):
     scores, index, S, tol = run_case(rng, backend, 11, 300, [7, 33], 9, "product", "pcc", dtype=dtype)
     assert scores.dtype == np.float32 and index.dtype == np.int64
     assert_valid_topk(scores, index, S, 9, tol)
 
 
 @pytest.mark.parametrize("torch_dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_torch_in_torch_out(backend, torch_dtype):
-    rng = np.random.default_rng()
+def test_torch_in_torch_out(rng, backend, torch_dtype):
     scores, index, S, tol = run_case(rng, backend, 6, 150, [5, 9], 4, "product", "pcc", kind="torch",
                                      torch_dtype=torch_dtype)
     assert isinstance(scores, torch.Tensor) and scores.dtype == torch.float32
@@ -76,12 +72,11 @@ def test_torch_in_torch_out(backend, torch_dtype):
 
 
 @pytest.mark.parametrize("normalize", ["pcc", "l2"])
-def test_large_offset_activations(backend, normalize):
+def test_large_offset_activations(rng, backend, normalize):
     """Post-ReLU-like features with a mean far above their spread: the normalisation
     must not lose the signal to cancellation."""
     if backend == "faiss":
-        pytest.skip("33^2 + 1024^2 explicit Kronecker columns exceed faiss_backend.KRON_MAX_WIDTH (by design)")
-    rng = np.random.default_rng()
+        pytest.skip("33^2 + 1024^2 explicit Kronecker columns exceed faiss.KRON_MAX_WIDTH (by design)")
     z = [(rng.standard_normal((300, L)) * 0.5 + 1000).astype(np.float32) for L in (33, 1024)]
     g = [rng.standard_normal((300, L)).astype(np.float32) for L in (33, 1024)]
     q, p = pyfk.Descriptors([a[:6] for a in z], [a[:6] for a in g]), pyfk.Descriptors(z, g)
@@ -90,9 +85,8 @@ def test_large_offset_activations(backend, normalize):
     assert_valid_topk(scores, index, S, 12, tolerance(q.z, q.g, p.z, p.g, "product", normalize))
 
 
-def test_backends_agree_with_reference():
+def test_backends_agree_with_reference(rng):
     """Same-precision comparison: fused cpu kernel vs torch reference on one input."""
-    rng = np.random.default_rng()
     qz, qg = make_arrays(rng, 64, [64, 128])
     pz, pg = make_arrays(rng, 3000, [64, 128])
     q, p = pyfk.Descriptors(qz, qg), pyfk.Descriptors(pz, pg)
@@ -103,10 +97,9 @@ def test_backends_agree_with_reference():
 
 
 @pytest.mark.parametrize("combine", ["product", "sum", "features"])
-def test_exact_ties_go_to_smaller_index(backend, combine):
+def test_exact_ties_go_to_smaller_index(rng, backend, combine):
     """Small-integer descriptors with normalize='none' make every score exact in
     float32, so the answer must equal the oracle's lexicographic order exactly."""
-    rng = np.random.default_rng()
     qz, qg = make_arrays(rng, 17, [3, 4], integer=True)
     pz, pg = make_arrays(rng, 700, [3, 4], integer=True)
     q, p = pyfk.Descriptors(qz, qg), pyfk.Descriptors(pz, pg)
@@ -137,11 +130,10 @@ def test_adversarial_orders(backend, order):
     np.testing.assert_allclose(scores, best, rtol=1e-6)
 
 
-def test_chunked_pool_and_exclude(backend, monkeypatch):
+def test_chunked_pool_and_exclude(rng, backend, monkeypatch):
     """Many pool chunks (running state merged across calls) and excluded rows."""
-    b = registry._REGISTRY[backend]
-    monkeypatch.setitem(registry._REGISTRY, backend, dataclasses.replace(b, chunk_rows=lambda m, w: 1000))
-    rng = np.random.default_rng()
+    b = registry.get(backend)
+    monkeypatch.setattr(b, "chunk_rows", lambda m, width, options: 1000)  # 5 chunks, one state merged across them
     qz, qg = make_arrays(rng, 7, [5, 11])
     pz, pg = make_arrays(rng, 4500, [5, 11])
     q, p = pyfk.Descriptors(qz, qg), pyfk.Descriptors(pz, pg)
@@ -155,11 +147,10 @@ def test_chunked_pool_and_exclude(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
-def test_cpu_thread_split_is_exact(threads):
+def test_cpu_thread_split_is_exact(rng, threads):
     """The per-thread heaps merge to the same answer whatever the split."""
     from pyfk.engine.kernels import cpu as cpu_kernels
 
-    rng = np.random.default_rng()
     q = torch.from_numpy(rng.standard_normal((23, 24)).astype(np.float32))
     p = torch.from_numpy(rng.standard_normal((9000, 24)).astype(np.float32))
     widths, k = [8, 8, 4, 4], 20
@@ -175,36 +166,34 @@ def test_cpu_thread_split_is_exact(threads):
     assert (i.numpy()[same] == ref_i.numpy()[same]).all()
 
 
-def test_index_offset_and_seeded_state(backend):
-    """Feeding the pool in two halves with an index offset equals one pass."""
-    from pyfk.engine.registry import resolve
-
-    b = resolve(backend, torch.device("cpu"))
-    rng = np.random.default_rng()
+def test_index_offset_and_seeded_state(rng, backend):
+    """Feeding the pool in two halves with an index offset equals one pass (the Backend protocol)."""
+    b = registry.resolve(backend, torch.device("cpu"))
+    opts = b.resolve_options(None)
     q = torch.from_numpy(rng.standard_normal((5, 12)).astype(np.float32))
     parts = [rng.standard_normal((800, 6)).astype(np.float32) for _ in range(2)]
-    widths, k = [6, 6], 30
-    empty = (torch.full((5, k), float("-inf")), torch.full((5, k), -1, dtype=torch.int64))
-    args = ("pcc", widths, True, k)
-    whole = b.topk_update(q, parts, slice(None), *args, 0, *[t.clone() for t in empty])
-    half = b.topk_update(q, parts, slice(0, 333), *args, 0, *[t.clone() for t in empty])
-    both = b.topk_update(q, parts, slice(333, 800), *args, 333, *half)
+    k = 30
+    pool = b.prepare(parts, Layout((6, 6), "product"), "pcc")
+    empty = TopK.empty(5, k)
+    whole = b.topk(q, pool, slice(None), k, empty, 0, opts)
+    half = b.topk(q, pool, slice(0, 333), k, empty, 0, opts)
+    both = b.topk(q, pool, slice(333, 800), k, half, 333, opts)
+    assert (empty.index == -1).all(), "a backend must not modify the state it was given"
     rows = np.arange(800)[::-1].copy()  # a row list: positions map to rows 799, 798, ...
-    flipped = b.topk_update(q, parts, rows, *args, 0, *[t.clone() for t in empty])
-    np.testing.assert_allclose(flipped[0].numpy(), whole[0].numpy(), rtol=1e-5, atol=1e-4)
-    same = flipped[0].numpy() == whole[0].numpy()
-    assert (799 - flipped[1].numpy()[same] == whole[1].numpy()[same]).all()
+    flipped = b.topk(q, pool, rows, k, empty, 0, opts)
+    np.testing.assert_allclose(flipped.scores.numpy(), whole.scores.numpy(), rtol=1e-5, atol=1e-4)
+    same = flipped.scores.numpy() == whole.scores.numpy()
+    assert (799 - flipped.index.numpy()[same] == whole.index.numpy()[same]).all()
     # GEMM blocking may change the last bits between block shapes: compare scores
     # with a tolerance and indices wherever the scores came out identical.
-    np.testing.assert_allclose(both[0].numpy(), whole[0].numpy(), rtol=1e-5, atol=1e-4)
-    same = both[0].numpy() == whole[0].numpy()
+    np.testing.assert_allclose(both.scores.numpy(), whole.scores.numpy(), rtol=1e-5, atol=1e-4)
+    same = both.scores.numpy() == whole.scores.numpy()
     assert same.mean() > 0.5
-    assert (both[1].numpy()[same] == whole[1].numpy()[same]).all()
-    assert (both[1].numpy() >= 0).all()
+    assert (both.index.numpy()[same] == whole.index.numpy()[same]).all()
+    assert (both.index.numpy() >= 0).all()
 
 
-def test_similarity_dense(backend):
-    rng = np.random.default_rng()
+def test_similarity_dense(rng, backend):
     for combine in ("product", "sum", "features"):
         qz, qg = make_arrays(rng, 9, [7, 33])
         pz, pg = make_arrays(rng, 131, [7, 33])
@@ -214,16 +203,14 @@ def test_similarity_dense(backend):
         np.testing.assert_allclose(R, S, rtol=0, atol=tolerance(qz, qg, pz, pg, combine, "pcc"))
 
 
-def test_pcc_dot_is_width_times_correlation():
-    rng = np.random.default_rng()
+def test_pcc_dot_is_width_times_correlation(rng):
     a, b = rng.standard_normal((1, 50)), rng.standard_normal((1, 50))
     R = pyfk.similarity(pyfk.Descriptors([a]), pyfk.Descriptors([b]), combine="features")
     assert R[0, 0] == pytest.approx(50 * np.corrcoef(a[0], b[0])[0, 1], rel=1e-5)
 
 
-def test_auto_backend_is_cpu_and_logged(caplog):
+def test_auto_backend_is_cpu_and_logged(rng, caplog):
     caplog.set_level("INFO", logger="pyfk")
-    rng = np.random.default_rng()
     qz, qg = make_arrays(rng, 2, [4])
     pyfk.topk(pyfk.Descriptors(qz, qg), pyfk.Descriptors(*make_arrays(rng, 10, [4])), k=3)
     assert "chose 'cpu'" in caplog.text
@@ -231,23 +218,19 @@ def test_auto_backend_is_cpu_and_logged(caplog):
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("combine", ["product", "sum"])
-def test_cpu_few_queries_row_path_exact(cpu_isa, m, combine):
+def test_cpu_few_queries_row_path_exact(rng, cpu_isa, m, combine):
     """M <= MR/2 takes the row-wise (GEMV) path of the cpu kernel: exact scores and
     tie order on integer data, fp16 pool rows, a row list, several threads, and the
     dense similarity rows that k-centre / coreset / badge use."""
     from pyfk.engine.kernels import cpu as cpu_kernels
 
-    rng = np.random.default_rng()
     qz, qg = make_arrays(rng, m, [3, 20], integer=True)
     pz, pg = make_arrays(rng, 3000, [3, 20], dtype=np.float16, integer=True)
     q, p = pyfk.Descriptors(qz, qg), pyfk.Descriptors(pz, pg)
     exclude = rng.choice(3000, size=300, replace=False)
     for threads in (1, 3):
-        torch.set_num_threads(threads)
-        try:
-            scores, index = pyfk.topk(q, p, k=40, combine=combine, normalize="none", backend="cpu", exclude=exclude)
-        finally:
-            torch.set_num_threads(2)
+        scores, index = pyfk.topk(q, p, k=40, combine=combine, normalize="none", backend="cpu", exclude=exclude,
+                                  options={"threads": threads})
         S = similarity64(qz, qg, pz, pg, combine, "none")
         S[:, exclude] = -np.inf
         best, order = topk64(S, 40)
@@ -256,4 +239,4 @@ def test_cpu_few_queries_row_path_exact(cpu_isa, m, combine):
     R = pyfk.similarity(q, p, combine=combine, normalize="pcc", backend="cpu")
     np.testing.assert_allclose(R, similarity64(qz, qg, pz, pg, combine, "pcc"), rtol=0,
                                atol=tolerance(qz, qg, pz, pg, combine, "pcc"))
-    assert cpu_kernels.DEFAULT_ISA == cpu_isa
+    assert cpu_kernels.default_isa() == cpu_isa

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 pybind11 = pytest.importorskip("pybind11")
 pytestmark = pytest.mark.skipif(

@@ -7,10 +7,10 @@ from pyfk.al import data
 
 
 @pytest.mark.parametrize("imbalance, expected_minority", [(100, 4), (10, 38), (1, 380), (1000, 1)])
-def test_biased_split_exact_counts(imbalance, expected_minority):
+def test_biased_split_exact_counts(imbalance, expected_minority, rng):
     y = np.repeat(np.arange(10), 500)
-    np.random.default_rng().shuffle(y)
-    seed = int(np.random.default_rng().integers(1000))
+    rng.shuffle(y)
+    seed = int(rng.integers(1000))
     s = data.biased_split(y, imbalance=imbalance, minority=[5, 6, 7, 8, 9], val_per_class=20,
                           test_per_class=100, seed=seed)
     counts = np.bincount(y[s.pool], minlength=10)
@@ -68,10 +68,9 @@ def _write_idx(path, arr):
         f.write(header + arr.astype(np.uint8).tobytes())
 
 
-def test_local_mnist_cifar_svhn_and_folder_layouts(tmp_path):
+def test_local_mnist_cifar_svhn_and_folder_layouts(tmp_path, rng):
     import pickle
 
-    rng = np.random.default_rng()
     raw = tmp_path / "mnist" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     imgs = {s: rng.integers(0, 256, (n, 28, 28)) for s, n in (("train", 7), ("t10k", 3))}

@@ -335,7 +335,7 @@ def test_write_errors_change_nothing(tmp_path, rng):
         store.write(20, _batch(rng, 1))
 
 
-def test_write_accepts_torch_and_casts(tmp_path, rng):
+def test_write_accepts_torch_and_casts(tmp_path):
     torch = pytest.importorskip("torch")
     store = DescriptorStore.create(tmp_path / "s", 4, {"z0": ((3,), "float16"), "labels": ((), "int64")})
     z = torch.randn(4, 3, dtype=torch.float64)

@@ -164,23 +164,60 @@ def test_bad_modes_and_backends(data):
         pyfk.topk(q, p, k=2, backend=3)
 
 
-def test_unavailable_backend_names_the_missing_piece(data):
+def test_unavailable_backend_names_the_missing_piece(data, monkeypatch):
+    from pyfk.engine import backend
+
+    class Missing(backend.Backend):
+        name, devices, description = "missing_piece", ("cpu",), "test double"
+
+        def unavailable_reason(self):
+            return "the test double's library is not installed"
+
+        def topk(self, queries, pool, rows, k, state, offset, options):
+            raise AssertionError("never called")
+
+    monkeypatch.setitem(backend.REGISTRY, "missing_piece", Missing())
     q, p = data
-    missing = [b for b in pyfk.backends() if not b["available"]]
-    assert missing, "expected at least one unavailable backend on a CPU-only machine"
-    for b in missing:
+    listed = {b["name"]: b for b in pyfk.backends()}
+    assert listed["missing_piece"]["available"] is False
+    assert listed["missing_piece"]["reason"] == "the test double's library is not installed"
+    with pytest.raises(pyfk.BackendUnavailable, match="backend 'missing_piece' is not available: the test double's"):
+        pyfk.topk(q, p, k=2, backend="missing_piece")
+    # the real backends missing on this machine (none on a fully equipped one) say why, too
+    for b in [b for b in pyfk.backends() if not b["available"]]:
         with pytest.raises(pyfk.BackendUnavailable, match=f"backend '{b['name']}' is not available: .+"):
             pyfk.topk(q, p, k=2, backend=b["name"])
 
 
 def test_cuda_only_backend_on_cpu_tensors_when_available(data, monkeypatch):
-    from pyfk.engine import registry
+    from pyfk.engine import backend
+
+    class FakeGpu(backend.Backend):
+        name, devices, description = "fake_gpu", ("cuda",), "test double"
+
+        def unavailable_reason(self):
+            return None
+
+        def topk(self, queries, pool, rows, k, state, offset, options):
+            raise AssertionError("never called: the device check comes first")
 
     q, p = data
-    monkeypatch.setitem(registry._REGISTRY, "fake_gpu", registry.Backend(
-        "fake_gpu", ("cuda",), "test double", lambda: None))
+    monkeypatch.setitem(backend.REGISTRY, "fake_gpu", FakeGpu())
     with pytest.raises(ValueError, match=r"backend 'fake_gpu' runs on \['cuda'\] tensors, got tensors on cpu"):
         pyfk.topk(q, p, k=2, backend="fake_gpu")
+
+
+def test_backend_options_are_checked(data):
+    q, p = data
+    with pytest.raises(ValueError, match=r"options: backend 'torch' accepts no options, got unknown \['threads'\]"):
+        pyfk.topk(q, p, k=2, backend="torch", options={"threads": 2})
+    with pytest.raises(ValueError,
+                       match=r"options: backend 'cpu' accepts \['isa', 'threads'\], got unknown \['isas'\]"):
+        pyfk.topk(q, p, k=2, backend="cpu", options={"isas": "avx2"})
+    with pytest.raises(TypeError, match="options: expected a dict of backend options, got list"):
+        pyfk.topk(q, p, k=2, backend="cpu", options=["threads"])
+    with pytest.raises(ValueError, match="isa: expected 'auto', 'avx512', 'avx2' or 'generic', got 'neon'"):
+        pyfk.topk(q, p, k=2, backend="cpu", options={"isa": "neon"})
 
 
 def test_labels_shape_and_dtype(data):
@@ -221,8 +258,7 @@ def test_float64_beyond_float32_range():
         pyfk.topk(pyfk.Descriptors([a]), pyfk.Descriptors([a]), k=2, combine="features")
 
 
-def test_large_float64_within_float32_range_is_fine():
-    rng = np.random.default_rng()
+def test_large_float64_within_float32_range_is_fine(rng):
     a = rng.standard_normal((6, 3)) * 1e30  # float64 sum is fine, values fit in float32
     s, _ = pyfk.topk(pyfk.Descriptors([a]), pyfk.Descriptors([a]), k=2, combine="features")
     assert np.isfinite(s).all()

@@ -85,6 +85,61 @@ def test_ensemble_strategies_get_member_probabilities(tmp_path, monkeypatch):
     assert len(res["rows"]) == 4
 
 
+def test_runner_computes_exactly_what_the_registry_declares(tmp_path, monkeypatch):
+    """Per strategy, the runner hands select exactly the declared PoolInputs fields (plus the pool
+    size), a ValInputs only where declared, K passes of the declared kind, the config's params,
+    and extracts only what those need (no pool extraction for random or MC/ensemble strategies;
+    the validation set only for the PFK family)."""
+    from pyfk.al import runner, strategies
+
+    extractions, seen = [], {}
+    real_extract, real_select = runner.extract, strategies.select
+
+    def counting_extract(model, loader, layers, *a, **kw):
+        extractions.append("val" if kw.get("with_true") else "pool")
+        return real_extract(model, loader, layers, *a, **kw)
+
+    def spy(name, pool, *a, **kw):
+        seen[name] = (pool, kw.get("val"), {k: v for k, v in kw.items() if k not in ("labeled", "seed", "val")},
+                      list(extractions))
+        extractions.clear()
+        return real_select(name, pool, *a, **kw)
+
+    monkeypatch.setattr(runner, "extract", counting_extract)
+    monkeypatch.setattr(strategies, "select", spy)
+    cfg = al.Config.from_dict(dict(SMALL, seeds=[0], rounds=1, ensemble_size=2, train_steps=5,
+                                   strategies=sorted(strategies.STRATEGIES)))
+    al.run(cfg, str(tmp_path / "all"), progress=False, log=lambda *a: None)
+    assert set(seen) == set(strategies.STRATEGIES)
+    pool_size = None
+    for name, (pool, val, params, extracted) in seen.items():
+        needs = strategies.STRATEGIES[name].needs
+        given = {f for f in strategies.POOL_FIELDS if getattr(pool, f) is not None}
+        assert given == set(needs.pool), name
+        pool_size = pool_size or pool.n
+        assert pool.n == pool_size > 0
+        assert (val is not None) == needs.val, name
+        if needs.val:
+            assert val.descriptors is not None and val.labels is not None and val.pred is not None
+        if needs.passes is not None:
+            want_k = {"mc_dropout": cfg.mc_passes, "ensemble": cfg.ensemble_size}[needs.passes]
+            assert pool.mc_probs.shape == (want_k, pool_size, 10), name
+        assert params == ({"k": cfg.k} if "k" in strategies.STRATEGIES[name].params else {}), name
+        wants_pool = bool(set(needs.pool) & {"probs", "descriptors", "badge", "features"})
+        wants_val = needs.val or ("descriptors" in needs.pool and cfg.pseudo_label == "map")
+        assert extracted == ["val"] * wants_val + ["pool"] * wants_pool, name
+        if "features" in needs.pool:  # the penultimate features h: the BADGE factor without its bias column
+            assert pool.features.num_scales == 1 and not pool.features.has_g
+
+
+def test_mc_dropout_strategies_need_a_dropout_model(tmp_path):
+    cfg = al.Config.from_dict(dict(SMALL, seeds=[0], model="resnet18", strategies=["entropy", "bald", "std"]))
+    with pytest.raises(ValueError, match=r"strategies: \['bald', 'std'\] read MC-dropout passes, but model "
+                                         r"'resnet18' has no Dropout"):
+        al.run(cfg, str(tmp_path / "r"), progress=False, log=lambda *a: None)
+    assert not (tmp_path / "r").exists()  # rejected before any file
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="config: unknown keys \\['budjet'\\]"):
         al.Config.from_dict({"budjet": 3})

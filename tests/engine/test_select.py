@@ -34,8 +34,7 @@ def integer_problem(rng, n_val=40, n_pool=600, widths=(3, 4)):
 
 
 @pytest.mark.parametrize("combine", ["product", "sum", "features"])
-def test_rank_major_matches_oracle_when_all_errors_are_centres(backend, combine):
-    rng = np.random.default_rng()
+def test_rank_major_matches_oracle_when_all_errors_are_centres(rng, backend, combine):
     vz, vg, pz, pg, y, y_hat = integer_problem(rng)
     errors = np.flatnonzero(y != y_hat)
     exclude = rng.choice(600, size=50, replace=False)
@@ -53,8 +52,7 @@ def test_rank_major_matches_oracle_when_all_errors_are_centres(backend, combine)
     np.testing.assert_array_equal(chosen, expected)
 
 
-def test_select_with_k_centre_reduction(backend):
-    rng = np.random.default_rng()
+def test_select_with_k_centre_reduction(rng, backend):
     vz, vg = make_arrays(rng, 200, [7, 33])
     pz, pg = make_arrays(rng, 2000, [7, 33])
     y = rng.integers(0, 10, 200)
@@ -88,26 +86,47 @@ def k_centre_oracle(R, count, start):
     return chosen
 
 
-def test_k_centre_matches_brute_force(backend):
-    from pyfk.api import k_centre
-    from pyfk.engine.descriptors import normalized_block, segments
-    from pyfk.engine.registry import resolve
+def test_k_centre_matches_brute_force(rng, backend):
+    from pyfk.engine.search import KernelDistances, greedy_k_centre
 
-    rng = np.random.default_rng()
     vz, vg = make_arrays(rng, 60, [3, 4], integer=True)
     val = pyfk.Descriptors(vz, vg)
-    parts, widths, product = segments(val, "product")
-    q = normalized_block(parts, slice(None), "none")
     seed = int(rng.integers(1000))
-    got = k_centre(q, widths, product, 12, seed, resolve(backend, q.device))
+    dist = KernelDistances(val, "product", "none", backend)
+    got, d2 = greedy_k_centre(dist, 12, seed=seed)
     start = int(np.random.default_rng(seed).integers(60))
     R = similarity64(vz, vg, vz, vg, "product", "none")
     assert got.tolist() == k_centre_oracle(R, 12, start)
+    # each pick's score is its squared kernel distance to the nearest earlier pick (+inf for the start)
+    D2 = np.diag(R)[:, None] + np.diag(R)[None, :] - 2 * R
+    assert d2[0] == np.inf
+    np.testing.assert_allclose(d2[1:], [D2[c, got[:i]].min() for i, c in enumerate(got[1:], 1)], atol=1e-3)
 
 
-def test_select_grows_k_until_budget_met(backend):
+def test_k_centre_from_initial_centres_never_repicks(rng, backend):
+    """With initial centres (coreset's labeled set) the first pick is the farthest row from
+    them; initial and excluded rows are never picked."""
+    from pyfk.engine.search import KernelDistances, greedy_k_centre
+
+    z = [rng.integers(-3, 4, size=(40, 5)).astype(np.float32)]
+    desc = pyfk.Descriptors(z)
+    dist = KernelDistances(desc, "features", "none", backend)
+    initial, excluded = np.array([3, 17]), np.array([0, 1, 2])
+    got, d2 = greedy_k_centre(dist, 10, seed=0, initial=initial, excluded=excluded)
+    R = z[0].astype(np.float64) @ z[0].T.astype(np.float64)
+    D2 = np.diag(R)[:, None] + np.diag(R)[None, :] - 2 * R
+    centres, want = list(initial), []
+    for _ in range(10):
+        m = D2[:, centres + want].min(1)
+        m[centres + want] = -np.inf
+        m[excluded] = -np.inf
+        want.append(int(np.argmax(m)))
+    assert got.tolist() == want
+    assert not set(got.tolist()) & (set(initial.tolist()) | set(excluded.tolist()))
+
+
+def test_select_grows_k_until_budget_met(rng, backend):
     """All centres share the same neighbours, so K must grow past its start."""
-    rng = np.random.default_rng()
     vz, vg = make_arrays(rng, 1, [5, 6])
     val = pyfk.Descriptors([np.repeat(a, 4, 0) for a in vz], [np.repeat(a, 4, 0) for a in vg])
     pz, pg = make_arrays(rng, 100, [5, 6])
@@ -117,8 +136,7 @@ def test_select_grows_k_until_budget_met(backend):
     assert set(chosen.tolist()) == set(index[0].tolist())
 
 
-def test_no_errors_falls_back_to_all_with_warning(backend):
-    rng = np.random.default_rng()
+def test_no_errors_falls_back_to_all_with_warning(rng, backend):
     vz, vg = make_arrays(rng, 5, [4])
     pz, pg = make_arrays(rng, 50, [4])
     y = np.arange(5)

@@ -1,0 +1,347 @@
+"""Search: top-k over a pool in chunks, dense similarity, kernel distances, greedy
+k-centre and the PFK acquisition -- each written once, on the backend protocol.
+
+    topk(queries, pool, k, ...)       -> (M, k) scores, indices (validated; NumPy or torch out)
+    search(queries, pool, k, ...)     -> TopK with global pool indices (no validation)
+    KernelDistances(desc, ...)        -> min over centres of d(a, b)^2 = R(a,a) + R(b,b) - 2 R(a,b)
+    greedy_k_centre(dist, count, ...) -> farthest-first picks and their distances
+    rank_major(scores, index, budget) -> first `budget` distinct indices, rank by rank
+    select(pool, val, budget, ...)    -> the PFK acquisition of DESIGN.md section 1
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pyfk.engine import backend as _backend
+from pyfk.engine.backend import Backend, PreparedPool
+from pyfk.engine.descriptors import COMBINES, NORMALIZES, Descriptors, as_descriptors, normalized_block
+from pyfk.engine.layout import Layout
+from pyfk.engine.registry import resolve
+from pyfk.engine.topk_state import TopK
+from pyfk.errors import check_choice, check_index_set, check_int, check_labels
+
+# Show a progress bar (when stderr is a terminal) for searches above this many flops.
+PROGRESS_FLOPS = 2e12
+# Elements of one (centres x pool rows) similarity block in KernelDistances.
+SIM_BLOCK = 1 << 26
+# Elements of one float64 temporary when reducing such a block on the CPU.
+SIM_SUB = 1 << 21
+
+
+# ----------------------------------------------------------------------------- validation
+
+def check_pair(queries: Descriptors, pool: Descriptors, combine: str, qname="queries", pname="pool"):
+    """Queries and pool agree on kind, device, scales and widths, and have what `combine` needs."""
+    if queries.kind != pool.kind:
+        raise TypeError(f"{qname}/{pname}: expected both NumPy or both torch, got {queries.kind} and {pool.kind}")
+    if queries.device != pool.device:
+        raise ValueError(f"{qname}/{pname}: expected one device, got {queries.device} and {pool.device}")
+    if queries.num_scales != pool.num_scales:
+        raise ValueError(f"{pname}: expected {queries.num_scales} scales like {qname}, got {pool.num_scales}")
+    if queries.widths != pool.widths:
+        raise ValueError(f"{pname}: expected scale widths {queries.widths} like {qname}, got {pool.widths}")
+    if combine != "features":
+        for name, d in ((qname, queries), (pname, pool)):
+            if not d.has_g:
+                raise ValueError(f"{name}: combine={combine!r} needs gradients g, but {name}.g is None "
+                                 "(use combine='features' for features only)")
+        if queries.g_widths != pool.g_widths:
+            raise ValueError(f"{pname}: expected gradient widths {queries.g_widths} like {qname}, "
+                             f"got {pool.g_widths}")
+    if pool.n == 0:
+        raise ValueError(f"{pname}: expected a non-empty pool, got 0 rows")
+    if queries.n == 0:
+        raise ValueError(f"{qname}: expected at least one row, got 0")
+
+
+def _out(t: torch.Tensor, like: Descriptors):
+    return t.cpu().numpy() if like.kind == "numpy" else t.to(like.device)
+
+
+def _show_progress(progress, flops: float) -> bool:
+    if progress is None:
+        return flops > PROGRESS_FLOPS and sys.stderr.isatty()
+    return bool(progress)
+
+
+# ----------------------------------------------------------------------------- top-k
+
+def search(queries: Descriptors, pool: Descriptors | PreparedPool, k: int, combine: str, normalize: str,
+           backend: str | Backend = "auto", rows: np.ndarray | None = None, progress=None,
+           options: dict | None = None) -> TopK:
+    """Top-k of every query over the pool rows `rows` (sorted int64, None = all), as a TopK
+    of global pool indices. `pool` may be a PreparedPool from an earlier call (same combine
+    and normalisation), which is then reused. Inputs are not validated here (see `topk`)."""
+    b = backend if isinstance(backend, Backend) else resolve(backend, pool.device)
+    opts = b.resolve_options(options)
+    if not isinstance(pool, PreparedPool):
+        p_parts, layout = Layout.of(pool, combine)
+        pool = b.prepare(p_parts, layout, normalize)
+    q_parts, _ = Layout.of(queries, combine)
+    q = normalized_block(q_parts, slice(None), normalize, device=pool.device)
+    m, width = q.shape
+    total = pool.n if rows is None else len(rows)
+    state = TopK.empty(m, k, q.device)
+    step = b.chunk_rows(m, width, opts)
+    bar = tqdm(total=total, unit="rows", unit_scale=True, desc=f"pyfk.topk [{b.name}]",
+               disable=not _show_progress(progress, 2.0 * m * total * width))
+    with bar:
+        for start in range(0, total, step):
+            stop = min(total, start + step)
+            sel = slice(start, stop) if rows is None else rows[start:stop]
+            state = b.topk(q, pool, sel, k, state, start, opts)
+            bar.update(stop - start)
+    return state if rows is None else state.remapped(rows)
+
+
+def topk(queries: Descriptors, pool: Descriptors, k: int = 32, combine: str = "product",
+         normalize: str = "pcc", backend: str = "auto", *, exclude=None, progress=None, options=None):
+    """Top-k pool items for every query under the PFK similarity.
+
+    R(q, p) = sum_j (z_j(q).z_j(p)) * (g_j(q).g_j(p))   combine="product"
+            = sum_j  z_j(q).z_j(p) + g_j(q).g_j(p)      combine="sum"
+            = sum_j  z_j(q).z_j(p)                      combine="features"
+    after per-example, per-scale normalisation (`normalize`: "pcc", "l2", "none").
+
+    Args:
+        queries: Descriptors with M rows; pool: Descriptors with N rows, same scales
+            (a DescriptorStore or an Extraction works too).
+        k: neighbours per query, 1 <= k <= N (minus excluded rows).
+        exclude: optional pool indices to leave out (e.g. already labeled).
+        backend: "auto", "cpu", "torch", ... (see `pyfk.backends()`).
+        progress: show a tqdm bar; None = only for long searches on a terminal.
+        options: backend options, e.g. {"threads": 2} for "cpu" (`pyfk.backends()` lists them).
+    Returns:
+        scores (M, k) float32, descending; index (M, k) int64 pool indices, ties to
+        the smaller index. NumPy in -> NumPy out; torch in -> torch on the input device.
+    The M x N score matrix is never held: memory is O(M * D + M * k) beyond the
+    inputs for the `cpu` backend (which normalises pool rows as it packs them), plus
+    a ~256 MiB normalised chunk for `torch`.
+    """
+    queries = as_descriptors(queries, "queries")
+    pool = as_descriptors(pool, "pool")
+    check_choice(combine, "combine", COMBINES)
+    check_choice(normalize, "normalize", NORMALIZES)
+    check_pair(queries, pool, combine)
+    b = resolve(backend, pool.device)
+    opts = b.resolve_options(options)
+    rows = None
+    available = pool.n
+    if exclude is not None:
+        excluded = check_index_set(exclude, "exclude", pool.n)
+        rows = np.setdiff1d(np.arange(pool.n, dtype=np.int64), excluded, assume_unique=True)
+        available = len(rows)
+        if available == 0:
+            raise ValueError("exclude: every pool row is excluded; nothing left to search")
+    k = check_int(k, "k", 1, available, f" (the {'available ' if rows is not None else ''}pool size)")
+    queries.check_finite("queries")
+    pool.check_finite("pool")
+    state = search(queries, pool, k, combine, normalize, b, rows, progress, opts)
+    return _out(state.scores, queries), _out(state.index, queries)
+
+
+def similarity(queries: Descriptors, pool: Descriptors, combine: str = "product",
+               normalize: str = "pcc", backend: str = "auto", *, options=None):
+    """Dense (M, N) float32 similarity matrix R (see `topk`), for small inputs and tests."""
+    queries = as_descriptors(queries, "queries")
+    pool = as_descriptors(pool, "pool")
+    check_choice(combine, "combine", COMBINES)
+    check_choice(normalize, "normalize", NORMALIZES)
+    check_pair(queries, pool, combine)
+    if queries.n * pool.n > (1 << 28):
+        raise ValueError(f"queries/pool: a dense {queries.n} x {pool.n} matrix is too large; use pyfk.topk")
+    queries.check_finite("queries")
+    pool.check_finite("pool")
+    b = resolve(backend, pool.device)
+    opts = b.resolve_options(options)
+    q_parts, layout = Layout.of(queries, combine)
+    p_parts, _ = Layout.of(pool, combine)
+    q = normalized_block(q_parts, slice(None), normalize)
+    p = normalized_block(p_parts, slice(None), normalize)
+    return _out(b.similarity(q, p, layout, opts), queries)
+
+
+# ----------------------------------------------------------------------------- kernel distances
+
+class KernelDistances:
+    """Kernel distances d(a, b)^2 = R(a,a) + R(b,b) - 2 R(a,b) from every pool row to a
+    set of centres, through a backend's similarity kernel. The pool is prepared once; its
+    normalised copy is kept on its device when it fits in pyfk.engine.backend.CACHE_BYTES,
+    else normalised chunk by chunk at every call (a pool streamed from a store)."""
+
+    def __init__(self, desc: Descriptors, combine: str, normalize: str, backend: str | Backend = "auto",
+                 options: dict | None = None):
+        self.backend = backend if isinstance(backend, Backend) else resolve(backend, desc.device)
+        self.options = self.backend.resolve_options(options)
+        parts, layout = Layout.of(desc, combine)
+        self.pool = self.backend.prepare(parts, layout, normalize)
+        self.pool.keep(_backend.CACHE_BYTES)
+        self.layout = layout
+        self.n = self.pool.n
+        self.diag = self.pool.diag()
+
+    def min_d2(self, centres) -> np.ndarray:
+        """(n,) float64: min over `centres` (pool rows) of d^2 to every pool row, clamped at 0.
+        Blocks of centres x pool rows hold at most SIM_BLOCK similarities."""
+        centres = np.unique(np.asarray(centres, dtype=np.int64))
+        out = np.full(self.n, np.inf)
+        per_block = max(1, SIM_BLOCK // self.n)
+        for c0 in range(0, len(centres), per_block):
+            cb = centres[c0:c0 + per_block]
+            q = self.pool.block(cb)
+            qdiag_np = self.diag[cb][:, None]
+            step = max(1, min(self.pool.stream_rows, SIM_BLOCK // len(cb)))
+            for start in range(0, self.n, step):
+                stop = min(self.n, start + step)
+                s = self.backend.similarity(q, self.pool.block(slice(start, stop)), self.layout, self.options)
+                if s.device.type == "cpu":  # NumPy (no contention with the kernel's threads), float64
+                    s_np = s.numpy()        # temporaries of at most SIM_SUB elements
+                    sub = max(1, SIM_SUB // s_np.shape[1])
+                    m = np.full(s_np.shape[1], np.inf)
+                    for r in range(0, s_np.shape[0], sub):
+                        part = s_np[r:r + sub].astype(np.float64)
+                        part *= -2.0
+                        part += qdiag_np[r:r + sub]
+                        np.minimum(m, part.min(0), out=m)
+                else:  # reduce on the device, bring back one row
+                    t = s.to(torch.float64).mul_(-2.0).add_(torch.as_tensor(qdiag_np, device=s.device))
+                    m = t.min(0).values.cpu().numpy()
+                m += self.diag[start:stop]
+                np.minimum(out[start:stop], m, out=out[start:stop])
+        np.maximum(out, 0.0, out=out)
+        return out
+
+
+def greedy_k_centre(dist: KernelDistances, count: int, *, seed: int, initial=None,
+                    excluded=None) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy farthest-first k-centre: `count` picks, each the row farthest (largest min d^2)
+    from the centres so far; ties to the smaller row.
+
+    Centres start as `initial` (e.g. the labeled rows), or, if there are none, as one
+    seeded uniform row (picked first, distance +inf: the min over no centres). Rows in
+    `initial`, `excluded` or already picked are never picked. Returns (picks int64,
+    their min d^2 at pick time float64).
+    """
+    n = dist.n
+    initial = np.zeros(0, dtype=np.int64) if initial is None else np.asarray(initial, dtype=np.int64)
+    picked: list[int] = []
+    scores: list[float] = []
+    if len(initial):
+        min_d2 = dist.min_d2(initial)
+    else:
+        first = int(np.random.default_rng(seed).integers(n))
+        picked.append(first)
+        scores.append(np.inf)
+        min_d2 = dist.min_d2(np.array([first])) if count > 1 else np.zeros(n)
+    min_d2[initial] = -np.inf
+    if excluded is not None:
+        min_d2[np.asarray(excluded, dtype=np.int64)] = -np.inf
+    min_d2[picked] = -np.inf
+    while len(picked) < count:
+        c = int(np.argmax(min_d2))  # first maximum: ties to the smaller row
+        picked.append(c)
+        scores.append(float(min_d2[c]))
+        min_d2[c] = -np.inf
+        if len(picked) < count:
+            np.minimum(min_d2, dist.min_d2(np.array([c])), out=min_d2)
+    return np.array(picked, dtype=np.int64), np.array(scores, dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------- selection
+
+def rank_major(scores: np.ndarray, index: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """First `budget` distinct pool indices taken rank by rank (all rank-1 neighbours,
+    best score first, then rank-2, ...). Ties within a rank: smaller pool index, then
+    earlier centre. Returns (chosen indices, position (centre, rank) of each) --
+    fewer than `budget` if the candidates run out."""
+    m, kk = index.shape
+    chosen, where, seen = [], [], set()
+    for r in range(kk):
+        col_s, col_i = scores[:, r], index[:, r]
+        order = np.lexsort((np.arange(m), col_i, -col_s.astype(np.float64)))
+        for c in order:
+            i = int(col_i[c])
+            if i < 0 or i in seen:
+                continue
+            seen.add(i)
+            chosen.append(i)
+            where.append((int(c), r))
+            if len(chosen) == budget:
+                return np.asarray(chosen, dtype=np.int64), np.asarray(where, dtype=np.int64)
+    return np.asarray(chosen, dtype=np.int64), np.asarray(where, dtype=np.int64).reshape(-1, 2)
+
+
+def select(pool: Descriptors, val: Descriptors, budget: int, val_labels=None, val_pred=None, k: int = 32,
+           combine: str = "product", normalize: str = "pcc", seed: int = 0, exclude=None,
+           backend: str = "auto", *, use_all: bool = False, return_details: bool = False, progress=None,
+           options=None):
+    """The PFK acquisition (Gudovskiy et al., CVPR 2020), as in DESIGN.md section 1.
+
+    1. queries = validation rows with val_pred != val_labels (all rows if use_all, or
+       if labels/predictions are not given);
+    2. if budget < #queries, greedy k-centre (seeded) reduces them to `budget` centres;
+    3. top-k pool neighbours per centre, `exclude`d pool rows removed first;
+    4. rank-major order, first `budget` distinct pool indices; k doubles until enough.
+    Returns an int64 array of `budget` pool indices (NumPy), or with return_details a
+    dict that also holds the centres (validation rows) and, per chosen index, the
+    centre, rank (0-based) and score that brought it in.
+    """
+    pool = as_descriptors(pool, "pool")
+    val = as_descriptors(val, "val")
+    check_choice(combine, "combine", COMBINES)
+    check_choice(normalize, "normalize", NORMALIZES)
+    check_pair(val, pool, combine, qname="val", pname="pool")
+    rows = np.arange(pool.n, dtype=np.int64)
+    if exclude is not None:
+        rows = np.setdiff1d(rows, check_index_set(exclude, "exclude", pool.n), assume_unique=True)
+    available = len(rows)
+    if available == 0:
+        raise ValueError("exclude: every pool row is excluded; nothing left to select")
+    budget = check_int(budget, "budget", 1, available, " (the pool size after exclusion)")
+    k = check_int(k, "k", 1, available, " (the pool size after exclusion)")
+    seed = check_int(seed, "seed", 0, 2**63 - 1)
+
+    if use_all or val_labels is None or val_pred is None:
+        if not use_all and (val_labels is None) != (val_pred is None):
+            raise ValueError("val_labels/val_pred: give both (to query the errors) or neither")
+        queries = np.arange(val.n, dtype=np.int64)
+    else:
+        y = check_labels(val_labels, "val_labels", val.n)
+        y_hat = check_labels(val_pred, "val_pred", val.n)
+        queries = np.flatnonzero(y != y_hat).astype(np.int64)
+        if queries.size == 0:
+            warnings.warn("select: the model makes no error on the validation set; "
+                          "querying with every validation example instead", stacklevel=2)
+            queries = np.arange(val.n, dtype=np.int64)
+    val.check_finite("val")
+    pool.check_finite("pool")
+
+    b = resolve(backend, pool.device)
+    opts = b.resolve_options(options)
+    if budget < len(queries):
+        dist = KernelDistances(val.take(queries), combine, normalize, b, opts)
+        centres = queries[greedy_k_centre(dist, budget, seed=seed)[0]]
+    else:
+        centres = queries
+    centre_desc = val.take(centres)
+    search_rows = None if available == pool.n else rows
+    p_parts, layout = Layout.of(pool, combine)
+    prepared = b.prepare(p_parts, layout, normalize)  # once, reused if k has to grow
+    kk = k
+    while True:
+        state = search(centre_desc, prepared, kk, combine, normalize, b, search_rows, progress, opts)
+        s_np, i_np = state.scores.cpu().numpy(), state.index.cpu().numpy()
+        chosen, where = rank_major(s_np, i_np, budget)
+        if len(chosen) == budget or kk == available:
+            break
+        kk = min(available, 2 * kk)
+    if not return_details:
+        return chosen
+    return {"indices": chosen, "centres": centres, "centre": centres[where[:, 0]], "rank": where[:, 1],
+            "score": s_np[where[:, 0], where[:, 1]], "k": kk}
