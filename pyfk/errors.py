@@ -28,8 +28,16 @@ def check_int(value, name: str, lo: int, hi: int, what: str = "") -> int:
     return value
 
 
+def check_not_masked(a, name: str) -> None:
+    """Masked arrays would pass value checks on their hidden entries: refuse them."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name}: expected a plain array, got a NumPy masked array (np.ma.MaskedArray); "
+                        "fill or drop the masked entries first")
+
+
 def check_index_set(idx, name: str, n: int) -> np.ndarray:
     """Sorted unique int64 indices in [0, n); duplicates or out-of-range raise."""
+    check_not_masked(idx, name)
     if isinstance(idx, torch.Tensor):
         idx = idx.detach().cpu().numpy()
     arr = np.asarray(idx)
@@ -38,10 +46,11 @@ def check_index_set(idx, name: str, n: int) -> np.ndarray:
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{name}: expected a 1-D array of integer indices, got dtype {arr.dtype}, "
                         f"shape {arr.shape}")
-    arr = arr.astype(np.int64)
-    bad = arr[(arr < 0) | (arr >= n)]
+    # compare before casting: uint64 values beyond int64 must be reported as given, not wrapped
+    bad = arr[(arr >= n) | ((arr < 0) if arr.dtype.kind == "i" else False)]
     if bad.size:
-        raise ValueError(f"{name}: expected indices in [0, {n}), got {bad[:5].tolist()}")
+        raise ValueError(f"{name}: expected indices in [0, {n}), got {[int(b) for b in bad[:5]]}")
+    arr = arr.astype(np.int64)
     uniq, counts = np.unique(arr, return_counts=True)
     if (counts > 1).any():
         raise ValueError(f"{name}: expected distinct indices, got duplicates {uniq[counts > 1][:5].tolist()}")
@@ -50,6 +59,7 @@ def check_index_set(idx, name: str, n: int) -> np.ndarray:
 
 def check_labels(y, name: str, n: int, against: str = "val") -> np.ndarray:
     """(n,) integer class labels as a NumPy array."""
+    check_not_masked(y, name)
     if isinstance(y, torch.Tensor):
         y = y.detach().cpu().numpy()
     arr = np.asarray(y)

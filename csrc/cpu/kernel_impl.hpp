@@ -178,10 +178,37 @@ static inline float vdot(const float* a, const float* b, int64_t w) {
   return total;
 }
 
-// Normalise one row segment in place (same formulas as pyfk.descriptors):
+// Largest |x[k]| over k < w (x finite: checked before any kernel runs).
+static inline float vmaxabs(const float* x, int64_t w) {
+  vf acc{};
+  int64_t k = 0;
+  for (; k + VW <= w; k += VW) {
+    vf v;
+    std::memcpy(&v, x + k, sizeof v);
+    v = v < 0 ? -v : v;
+    acc = acc > v ? acc : v;
+  }
+  float m = 0.0f;
+  for (int l = 0; l < VW; ++l) m = std::max(m, static_cast<float>(acc[l]));
+  for (; k < w; ++k) m = std::max(m, std::fabs(x[k]));
+  return m;
+}
+
+// Rows whose max |x| is above this are scaled by an exact power of two first: their
+// squares would overflow float32 (same rule as pyfk.engine.descriptors.TAME_ABOVE).
+constexpr float TAME_ABOVE = 1152921504606846976.0f;  // 2^60
+
+// Normalise one row segment in place (same formulas as pyfk.engine.descriptors):
 // pcc: (x - mean) / (population std + 1e-10);  l2: x / (||x|| + 1e-10).
 static inline void normalize_row(float* x, int64_t w, Normalize mode) {
   if (mode == Normalize::none) return;
+  const float amax = vmaxabs(x, w);
+  if (amax > TAME_ABOVE) {  // x * 2^-e with amax = f * 2^e, f in [0.5, 1): exact, like torch.frexp
+    int e = 0;
+    std::frexp(amax, &e);
+    const float scale = std::ldexp(1.0f, -e);
+    for (int64_t k = 0; k < w; ++k) x[k] *= scale;
+  }
   if (mode == Normalize::pcc) {
     const float mean = x[0] + vsum(x, w, x[0]) / static_cast<float>(w);
     for (int64_t k = 0; k < w; ++k) x[k] -= mean;

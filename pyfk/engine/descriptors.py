@@ -28,6 +28,9 @@ def _describe(a) -> str:
 
 
 def _check_array(a, name: str):
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name}: expected a plain NumPy array or torch tensor, got a NumPy masked array "
+                        "(np.ma.MaskedArray); fill or drop the masked entries first")
     if isinstance(a, np.ndarray):
         if a.dtype.type not in _NUMPY_FLOATS:
             raise TypeError(f"{name}: expected a float16/float32/float64 array, got dtype {a.dtype}")
@@ -83,6 +86,10 @@ class Descriptors:
                 if a.shape[1] != b.shape[1]:
                     raise ValueError(f"g[{j}]: expected width {a.shape[1]} to match z[{j}], got {b.shape[1]}")
         if self.kind == "torch":
+            # Activations straight from a model may require grad; the search is not
+            # differentiable, so it reads detached views (no copy).
+            z = [a.detach() for a in z]
+            g = None if g is None else [a.detach() for a in g]
             devices = {a.device for a in z + (g or [])}
             if len(devices) != 1:
                 raise ValueError(f"z/g: expected all tensors on one device, got {sorted(map(str, devices))}")
@@ -142,12 +149,32 @@ class Descriptors:
             for j, a in enumerate(arrays):
                 if not _all_finite(a):
                     raise ValueError(f"{name}: {part}[{j}] contains NaN or Inf values")
-                if a.dtype in (np.float64, torch.float64) and _max_abs(a) > _F32_MAX:
+                if a.dtype in (np.float64, torch.float64) and _max_abs(a) > F32_MAX:
                     raise ValueError(f"{name}: {part}[{j}] holds values beyond the float32 range "
-                                     f"(|x| > {_F32_MAX:.3g}) that the kernels compute in")
+                                     f"(|x| > {F32_MAX:.3g}) that the kernels compute in")
 
 
-_F32_MAX = float(np.finfo(np.float32).max)
+    def max_row_norms(self) -> dict:
+        """{("z"|"g", j): the largest L2 row norm of that array, float64}, read in row blocks."""
+        out = {}
+        for part, arrays in (("z", self.z), ("g", self.g or [])):
+            for j, a in enumerate(arrays):
+                step = max(1, (1 << 22) // max(1, a.shape[1]))
+                best = 0.0
+                for i in range(0, a.shape[0], step):
+                    block = a[i:i + step]
+                    if isinstance(block, torch.Tensor):
+                        sq = block.to(torch.float64).square().sum(1)
+                        best = max(best, float(sq.max()) if sq.numel() else 0.0)
+                    else:
+                        b64 = np.asarray(block, dtype=np.float64)
+                        sq = np.einsum("ij,ij->i", b64, b64)
+                        best = max(best, float(sq.max()) if sq.size else 0.0)
+                out[(part, j)] = float(np.sqrt(best))
+        return out
+
+
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _max_abs(a) -> float:
@@ -207,12 +234,29 @@ def _as_tensor(a, device) -> torch.Tensor:
     return a.to(device=device, non_blocking=True)
 
 
+# Rows whose largest |x| exceeds this are scaled by a power of two before normalising:
+# their squares (and sums) would overflow float32. pcc and l2 do not change under such a
+# scaling (beyond the 1e-10 epsilon, negligible at that size), and a power of two is exact.
+TAME_ABOVE = 2.0 ** 60
+
+
+def _tame(x: torch.Tensor) -> torch.Tensor:
+    """x with each row whose max |x| > TAME_ABOVE scaled by 2**-exponent(max |x|) (exact)."""
+    amax = x.abs().amax(dim=1, keepdim=True)
+    big = amax > TAME_ABOVE
+    if not bool(big.any()):
+        return x
+    _, exponent = torch.frexp(amax)
+    return x * torch.where(big, torch.ldexp(torch.ones_like(amax), -exponent), torch.ones_like(amax))
+
+
 def normalized_block(parts: list, rows, normalize: str, device=None) -> torch.Tensor:
     """Normalise `rows` of every segment and concatenate them: (n_rows, D) float32.
 
     pcc:  x <- (x - mean(x)) / (std(x) + 1e-10)  per row and segment (population std),
           so a dot product of two segments is L_j times their Pearson correlation;
     l2:   x <- x / (||x||_2 + 1e-10);   none: x unchanged.
+    Overflow-safe: rows with max |x| > 2**60 are first scaled by an exact power of two.
     `rows` is a slice or a sorted int64 index array; `device` defaults to the data's.
     """
     first = parts[0]
@@ -237,6 +281,8 @@ def normalized_block(parts: list, rows, normalize: str, device=None) -> torch.Te
         x = _as_tensor(block, device).to(torch.float32)
         w = x.shape[1]
         dst = out[:, col:col + w]
+        if normalize != "none":
+            x = _tame(x)
         if normalize == "pcc":
             mean = x.mean(dim=1, keepdim=True)
             torch.sub(x, mean, out=dst)

@@ -11,6 +11,7 @@ k-centre and the PFK acquisition -- each written once, on the backend protocol.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from pyfk.engine import backend as _backend
 from pyfk.engine.backend import Backend, PreparedPool
-from pyfk.engine.descriptors import COMBINES, NORMALIZES, Descriptors, as_descriptors, normalized_block
+from pyfk.engine.descriptors import COMBINES, F32_MAX, NORMALIZES, Descriptors, as_descriptors, normalized_block
 from pyfk.engine.layout import Layout
 from pyfk.engine.registry import resolve
 from pyfk.engine.topk_state import TopK
@@ -58,6 +59,42 @@ def check_pair(queries: Descriptors, pool: Descriptors, combine: str, qname="que
         raise ValueError(f"{pname}: expected a non-empty pool, got 0 rows")
     if queries.n == 0:
         raise ValueError(f"{qname}: expected at least one row, got 0")
+
+
+def check_representable(queries: Descriptors, pool: Descriptors, combine: str, normalize: str,
+                        qname: str = "queries", pname: str = "pool") -> None:
+    """With normalize="none", raise ValueError if R can leave the float32 range the kernels
+    compute in. Bound (Cauchy-Schwarz, partial sums included): |z_j.z_j'| <= max ||z_j(q)||
+    max ||z_j(p)||, likewise g, combined as R is. pcc/l2 rows have norms <= sqrt(L_j): no check."""
+    if normalize != "none":
+        return
+    qn, pn = queries.max_row_norms(), pool.max_row_norms()
+    total = 0.0
+    for j in range(queries.num_scales):
+        zz = qn[("z", j)] * pn[("z", j)]
+        gg = qn[("g", j)] * pn[("g", j)] if combine != "features" else 0.0
+        term = zz if combine == "features" else zz * gg if combine == "product" else zz + gg
+        total += term
+        worst = max(zz, gg, term, total)
+        if not worst <= F32_MAX:
+            part = "z" if zz >= gg else "g"
+            name = pname if pn[(part, j)] >= qn[(part, j)] else qname
+            raise ValueError(
+                f"{name}: with normalize='none', the values of scale {j} ({part}[{j}]) give similarities up to "
+                f"{worst:.3g}, beyond the float32 range ({F32_MAX:.3g}) the kernels compute in; rescale the "
+                "descriptors or use normalize='pcc' or 'l2'")
+
+
+def check_state_memory(m: int, k: int, name: str = "k") -> None:
+    """The (M, k) state and its merge buffers (~48 bytes per slot) must fit in memory."""
+    need = 48 * m * k
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not available on this platform
+        return
+    if need > total // 2:
+        raise ValueError(f"{name}: expected a k whose ({m} x k) top-k state fits in memory, got k={k}: it needs "
+                         f"~{need / 2**30:.1f} GiB, this machine has {total / 2**30:.1f} GiB")
 
 
 def _out(t: torch.Tensor, like: Descriptors):
@@ -140,8 +177,10 @@ def topk(queries: Descriptors, pool: Descriptors, k: int = 32, combine: str = "p
         if available == 0:
             raise ValueError("exclude: every pool row is excluded; nothing left to search")
     k = check_int(k, "k", 1, available, f" (the {'available ' if rows is not None else ''}pool size)")
+    check_state_memory(queries.n, k)
     queries.check_finite("queries")
     pool.check_finite("pool")
+    check_representable(queries, pool, combine, normalize)
     state = search(queries, pool, k, combine, normalize, b, rows, progress, opts)
     return _out(state.scores, queries), _out(state.index, queries)
 
@@ -158,6 +197,7 @@ def similarity(queries: Descriptors, pool: Descriptors, combine: str = "product"
         raise ValueError(f"queries/pool: a dense {queries.n} x {pool.n} matrix is too large; use pyfk.topk")
     queries.check_finite("queries")
     pool.check_finite("pool")
+    check_representable(queries, pool, combine, normalize)
     b = resolve(backend, pool.device)
     opts = b.resolve_options(options)
     q_parts, layout = Layout.of(queries, combine)
@@ -277,7 +317,10 @@ def rank_major(scores: np.ndarray, index: np.ndarray, budget: int) -> tuple[np.n
     return np.asarray(chosen, dtype=np.int64), np.asarray(where, dtype=np.int64).reshape(-1, 2)
 
 
-def select(pool: Descriptors, val: Descriptors, budget: int, val_labels=None, val_pred=None, k: int = 32,
+DEFAULT_K = 32
+
+
+def select(pool: Descriptors, val: Descriptors, budget: int, val_labels=None, val_pred=None, k: int | None = None,
            combine: str = "product", normalize: str = "pcc", seed: int = 0, exclude=None,
            backend: str = "auto", *, use_all: bool = False, return_details: bool = False, progress=None,
            options=None):
@@ -286,7 +329,8 @@ def select(pool: Descriptors, val: Descriptors, budget: int, val_labels=None, va
     1. queries = validation rows with val_pred != val_labels (all rows if use_all, or
        if labels/predictions are not given);
     2. if budget < #queries, greedy k-centre (seeded) reduces them to `budget` centres;
-    3. top-k pool neighbours per centre, `exclude`d pool rows removed first;
+    3. top-k pool neighbours per centre, `exclude`d pool rows removed first (k=None:
+       32, or the available pool if smaller; an explicit k must fit the pool);
     4. rank-major order, first `budget` distinct pool indices; k doubles until enough.
     Returns an int64 array of `budget` pool indices (NumPy), or with return_details a
     dict that also holds the centres (validation rows) and, per chosen index, the
@@ -304,7 +348,7 @@ def select(pool: Descriptors, val: Descriptors, budget: int, val_labels=None, va
     if available == 0:
         raise ValueError("exclude: every pool row is excluded; nothing left to select")
     budget = check_int(budget, "budget", 1, available, " (the pool size after exclusion)")
-    k = check_int(k, "k", 1, available, " (the pool size after exclusion)")
+    k = min(DEFAULT_K, available) if k is None else check_int(k, "k", 1, available, " (the pool size after exclusion)")
     seed = check_int(seed, "seed", 0, 2**63 - 1)
 
     if use_all or val_labels is None or val_pred is None:
@@ -321,6 +365,7 @@ def select(pool: Descriptors, val: Descriptors, budget: int, val_labels=None, va
             queries = np.arange(val.n, dtype=np.int64)
     val.check_finite("val")
     pool.check_finite("pool")
+    check_representable(val, pool, combine, normalize, qname="val", pname="pool")
 
     b = resolve(backend, pool.device)
     opts = b.resolve_options(options)

@@ -221,7 +221,11 @@ def test_ann_hnsw_and_short_candidate_fallback(rng):
     np.testing.assert_allclose(np.take_along_axis(S, i, 1), s, rtol=0, atol=1e-3)
     # nprobe=1 over many tiny lists leaves some queries short of k: they fall back to the exact search
     s, i = _run("faiss_ann", q, p, 8, "product", "pcc", options={"nlist": 200, "nprobe": 1, "candidates": 8})
-    assert_valid_topk(s, i, S, 8, 1e-4 * float(np.abs(S).max()))
+    # every row full (k distinct real indices, scores exact for them); which ones is up to the
+    # approximate search for the rows that were not short, so no exact top-k is asserted here
+    assert (i >= 0).all() and all(len(set(row)) == 8 for row in i.tolist())
+    np.testing.assert_allclose(np.take_along_axis(S, i, 1), s, rtol=0, atol=1e-4 * float(np.abs(S).max()))
+    assert (np.diff(s, axis=1) <= 1e-6).all()
 
 
 def test_ann_k_equals_n_is_exact(rng):

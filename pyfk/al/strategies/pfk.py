@@ -8,7 +8,7 @@ w.r.t. the true labels, labels, predictions) and runs the PFK acquisition
   pfk      combine="product"   R = sum_j (z_j.z_j') * (g_j.g_j')
   pfk_sum  combine="sum"       R = sum_j  z_j.z_j' + g_j.g_j'
 
-on per-example, per-scale normalised rows (params: k=32, normalize="pcc",
+on per-example, per-scale normalised rows (params: k=None (32, or the unlabeled pool if smaller), normalize="pcc",
 use_all=False; the labeled rows are excluded from the search). Score = R between
 the pick and the validation centre that pulled it in (float32 from the kernel).
 Provenance per pick, in pick order: "centre" (validation row), "rank" (0-based),
@@ -28,7 +28,7 @@ from pyfk.engine.layout import Layout
 from pyfk.engine.search import select as pfk_select
 from pyfk.errors import check_choice
 
-PFK_PARAMS = {"k": 32, "normalize": "pcc", "use_all": False}
+PFK_PARAMS = {"k": None, "normalize": "pcc", "use_all": False}  # k=None: 32, or the pool if smaller
 
 
 def _pfk_family(pool, req, combine, k, normalize, use_all):

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from pyfk.al.strategies.base import PoolInputs, Request, register, top_budget
+from pyfk.errors import check_not_masked
 
 # Rows x columns processed at once when streaming probabilities (float64 temporaries).
 _PROB_CHUNK = 1 << 22
@@ -37,6 +38,7 @@ _NEG_TOL = 1e-6
 # ----------------------------------------------------------------------------- streaming and validation
 
 def _as_numpy(a, name: str) -> np.ndarray:
+    check_not_masked(a, name)
     if isinstance(a, torch.Tensor):
         a = a.detach().cpu()
         if a.dtype == torch.bfloat16:
