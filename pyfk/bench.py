@@ -364,7 +364,7 @@ def check_backends(names: Sequence[str], device="cpu") -> None:
         if name not in rows:
             raise ValueError(f"backends: expected 'auto' or one of {sorted(rows)}, got {name!r}")
         if not rows[name]["available"]:
-            raise pyfk.BackendUnavailable(f"backend {name!r} is not available: {rows[name]['reason']}")
+            raise pyfk.BackendUnavailable(f"backend: {name!r} is not available here: {rows[name]['reason']}")
         if dev not in rows[name]["devices"]:
             raise ValueError(f"backend {name!r} runs on {rows[name]['devices']} tensors; this benchmark "
                              f"uses {dev} (--device)")

@@ -3,8 +3,8 @@
     pyfk bench [--quick] [--M 1000 --N 50000 --widths 64,128,256,512 --k 32] [--device cpu|cuda]
                [--backends cpu,torch] [--option [BACKEND.]KEY=VALUE ...] [--json out.json]
     pyfk backends
-    pyfk extract --model CKPT [--arch lenet|resnet18|pkg.module:callable] --data DIR|FILE.pt|FILE.npz
-                 --out STORE [--layers conv1,conv2,fc1] [--pseudo-label argmax|true|mc] ...
+    pyfk extract --model CKPT [--arch lenet|resnet18|pkg.module:callable] [--trust-checkpoint]
+                 --data DIR|FILE.pt|FILE.npz --out STORE [--layers conv1,conv2,fc1] [--pseudo-label argmax|true|mc] ...
     pyfk bench-extract [--model resnet18|lenet] [--batch-size 128] [--n 512] [--repeats 3] [--json out.json]
     pyfk run CONFIG.json [--out DIR]       an AL experiment (resumable)
     pyfk demo [--out DIR] [--quick]        the embedded 100x-imbalanced MNIST comparison
@@ -233,11 +233,18 @@ def _add_extract(sub) -> None:
                     "and loss gradients g of the chosen layers), probabilities, predictions and labels into a "
                     "DescriptorStore directory. Resumable: rerunning the same command continues an interrupted "
                     "store; a complete store is left as is.",
-        epilog="CKPT is a whole pickled module (torch.save(model)) or a state_dict (torch.save(model.state_dict()), "
-               "also {'state_dict': ...}); a state_dict needs --arch. DATA is a class-per-subfolder image tree "
-               "(like torchvision ImageFolder), or a .pt/.npz file with 'x' (n, ...), optional 'y' labels and "
-               "'ids'. Example: pyfk extract --model lenet.pt --arch lenet --data mnist_pool.pt --out pool.pfk")
-    p.add_argument("--model", metavar="CKPT", required=True, help="checkpoint: a whole module or a state_dict")
+        epilog="CKPT is a state_dict (torch.save(model.state_dict()), also {'state_dict': ...}) with --arch, "
+               "loaded with torch.load(weights_only=True), or a whole pickled module (torch.save(model)), which "
+               "loads only with --trust-checkpoint. DATA is a class-per-subfolder image tree (like torchvision "
+               "ImageFolder), or a .pt/.npz file with 'x' (n, ...), optional 'y' labels and 'ids', loaded with "
+               "torch.load(weights_only=True) / allow_pickle=False: no code from a data file ever runs. "
+               "Example: pyfk extract --model lenet.pt --arch lenet --data mnist_pool.pt --out pool.pfk")
+    p.add_argument("--model", metavar="CKPT", required=True,
+                   help="checkpoint: a state_dict (with --arch), or a whole pickled module with --trust-checkpoint")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a --model checkpoint that holds a whole pickled nn.Module: this UNPICKLES the file "
+                        "(torch.load(weights_only=False)), which can run arbitrary code from it. Use only for "
+                        "files you made or trust; a state_dict with --arch needs no trust")
     p.add_argument("--arch", default=None,
                    help="architecture for a state_dict: 'lenet', 'resnet18' (pyfk.models) or "
                         "'package.module:callable' returning an nn.Module")
@@ -302,19 +309,29 @@ def _is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _load_checkpoint(path: str):
-    """(module or None, state_dict or None) from a checkpoint file."""
+def _load_checkpoint(path: str, trust: bool = False):
+    """(module or None, state_dict or None) from a checkpoint file.
+
+    Always torch.load(weights_only=True) first; a file that holds other pickled objects (a
+    whole nn.Module) is unpickled with weights_only=False only when `trust` is set
+    (--trust-checkpoint), and is otherwise refused without running anything from it.
+    """
     import torch
+
+    from pyfk.al.imagedata import UnsafePickleError, load_weights_only
 
     if not os.path.isfile(path):
         raise _UserError(f"--model {path}: no such file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (AttributeError, ImportError) as exc:
-        raise _UserError(f"--model {path}: cannot unpickle the module: {_one_line(exc)} (its class must be "
-                         "importable here; or save a state_dict and pass --arch)") from None
-    except Exception as exc:
-        raise _UserError(f"--model {path}: not a torch.save checkpoint ({_one_line(exc)})") from None
+        obj = load_weights_only(path)
+    except UnsafePickleError as exc:
+        if not trust:
+            raise _UserError(f"--model {path}: holds {exc.held}, not a state_dict; loading it would unpickle the "
+                             "file, which can execute arbitrary code from it. If you trust its source, pass "
+                             "--trust-checkpoint; or save model.state_dict() and pass --arch") from None
+        obj = _load_trusted(path)
+    except ValueError as exc:
+        raise _UserError(f"--model {_one_line(exc)}") from None
     if isinstance(obj, torch.nn.Module):
         return obj, None
     if _is_state_dict(obj):
@@ -328,6 +345,19 @@ def _load_checkpoint(path: str):
                 return None, value
     raise _UserError(f"--model {path}: expected a pickled nn.Module or a state_dict, got {type(obj).__name__}"
                      + (f" with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else ""))
+
+
+def _load_trusted(path: str):
+    """Unpickle a checkpoint the user vouched for with --trust-checkpoint (runs its code)."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (AttributeError, ImportError) as exc:
+        raise _UserError(f"--model {path}: cannot unpickle the module: {_one_line(exc)} (its class must be "
+                         "importable here; or save a state_dict and pass --arch)") from None
+    except Exception as exc:
+        raise _UserError(f"--model {path}: not a torch.save checkpoint ({_one_line(exc)})") from None
 
 
 def _strip_prefix(sd: dict) -> dict:
@@ -400,7 +430,7 @@ def _load_weights(model, sd: dict, what: str) -> None:
 def _model_and_layers(args):
     from pyfk.al import models
 
-    module, sd = _load_checkpoint(args.model)
+    module, sd = _load_checkpoint(args.model, trust=args.trust_checkpoint)
     arch = args.arch
     if module is not None:
         model = module
@@ -600,11 +630,21 @@ def _add_run(sub) -> None:
 
 def _run_config(cfg_dict: dict, out: str, progress: bool) -> int:
     from pyfk import al
+    from pyfk.al.runner import ConfigError
 
-    try:
-        cfg = al.Config.from_dict(cfg_dict)
-        t0 = time.perf_counter()
-        result = al.run(cfg, out, progress=progress)
+    t0 = time.perf_counter()
+    try:  # the whole config is checked (one line per problem) before any work or file
+        result = al.run(cfg_dict, out, progress=progress)
+    except ConfigError as exc:
+        if os.environ.get("PYFK_DEBUG"):
+            raise
+        if len(exc.problems) == 1:
+            print(f"pyfk run: error: {exc.problems[0]}", file=sys.stderr)
+        else:
+            print(f"pyfk run: error: invalid config ({len(exc.problems)} problems):", file=sys.stderr)
+            for line in exc.problems:
+                print(f"  {line}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         if os.environ.get("PYFK_DEBUG"):
             raise

@@ -93,11 +93,95 @@ def _mnist(root: str) -> Dataset:
 def _cifar10(root: str) -> Dataset:
     xs, ys = [], []
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        with open(_find(root, name), "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
-        xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(batch["labels"]))
+        x, y = read_cifar_batch(_find(root, name))
+        xs.append(x)
+        ys.append(y)
     return Dataset("cifar10", np.concatenate(xs).astype(np.float32) / 255.0, np.concatenate(ys).astype(np.int64), 10)
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+def _latin1_encode(obj, encoding="latin1"):
+    """`_codecs.encode` as protocol-2 pickles of bytes use it, latin-1 only."""
+    if not isinstance(obj, str) or encoding.lower().replace("_", "-") not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode of {type(obj).__name__} with {encoding!r}: not a bytes literal")
+    return obj.encode("latin1")
+
+
+def _numpy_globals() -> dict:
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # NumPy < 2
+        from numpy.core import multiarray
+    rebuild = {"_reconstruct": multiarray._reconstruct, "scalar": multiarray.scalar}
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_encode}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed.update({(module, name): fn for name, fn in rebuild.items()})
+    return allowed
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR python batch holds (a dict of NumPy arrays, lists, strings and
+    numbers) and nothing else: find_class resolves only NumPy's array/dtype/scalar
+    reconstruction and latin-1 `_codecs.encode`; any other global is refused before it is
+    imported, so no code from the file runs."""
+
+    def __init__(self, file, path: str):
+        super().__init__(file, encoding="latin1")
+        self.path = path
+        self.allowed = _numpy_globals()
+
+    def find_class(self, module, name):
+        fn = self.allowed.get((module, name))
+        if fn is None:
+            raise _RefusedGlobal(f"{self.path}: refused to unpickle the global {module}.{name}: a CIFAR batch holds "
+                                 "only a dict of NumPy arrays and lists, and pyfk never runs code from a data file")
+        return fn
+
+    def persistent_load(self, pid):
+        raise _RefusedGlobal(f"{self.path}: refused a persistent id in the pickle: not a CIFAR batch")
+
+
+def read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch (``data_batch_1`` ..., ``test_batch``; torchvision's layout:
+    a pickled dict with "data" (n, 3072) uint8 and "labels" (n,); str or bytes keys) as
+    (x (n, 3, 32, 32) uint8, y (n,) int64). Read with a restricted unpickler: a batch that
+    names any other global raises ValueError naming the file and the global."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            batch = _BatchUnpickler(f, path).load()
+    except _RefusedGlobal as exc:
+        raise ValueError(str(exc)) from None
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a malformed pickle raises, as one error naming the file
+        raise ValueError(f"{path}: not a CIFAR python batch ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split()) or 'unreadable'})") from None
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: expected a pickled dict with 'data' and 'labels', got {type(batch).__name__}")
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    missing = [k for k in ("data", "labels") if k not in batch]
+    if missing:
+        raise ValueError(f"{path}: missing {missing} in the batch (found keys {sorted(map(str, batch))[:8]})")
+    data, labels = batch["data"], batch["labels"]
+    if not isinstance(data, np.ndarray) or data.dtype.kind not in "iu" or data.ndim != 2 or data.shape[1] != 3072:
+        what = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"{path}: 'data' must be a uint8 array (n, 3072), got {what}")
+    if data.dtype != np.uint8:
+        if data.size and (int(data.min()) < 0 or int(data.max()) > 255):
+            raise ValueError(f"{path}: 'data' must hold pixel values 0-255, got {int(data.min())}..{int(data.max())}")
+        data = data.astype(np.uint8)
+    try:
+        y = np.asarray(labels)
+    except Exception:  # noqa: BLE001 - anything np.asarray refuses
+        y = None
+    if y is None or y.dtype.kind not in "iu" or y.shape != (data.shape[0],):
+        what = f"{y.dtype} of shape {y.shape}" if y is not None else type(labels).__name__
+        raise ValueError(f"{path}: 'labels' must be {data.shape[0]} integers, got {what}")
+    return data.reshape(-1, 3, 32, 32), y.astype(np.int64)
 
 
 def _svhn(root: str) -> Dataset:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -103,20 +104,182 @@ class ImageFolderDataset(Dataset):
                 f"size={self.size}, grayscale={self.grayscale})")
 
 
+# What a tensor file may hold besides tensors: NumPy arrays of numeric dtypes. Their pickle
+# rebuilds an ndarray from a dtype and raw bytes; nothing of the file runs. torch's
+# weights_only loader also wants the dtype classes (BUILD on a Float32DType instance).
+# NumPy 1.x pickles name numpy.core.multiarray, NumPy 2.x numpy._core.multiarray.
+def _numpy_safe_globals() -> list:
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy < 2
+        from numpy.core.multiarray import _reconstruct
+    allowed = [_reconstruct, np.ndarray, np.dtype]
+    allowed += list(dict.fromkeys(type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG"))
+    if tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2]) >= (2, 6):  # (obj, "name") entries
+        allowed += [(_reconstruct, "numpy.core.multiarray._reconstruct"),
+                    (_reconstruct, "numpy._core.multiarray._reconstruct")]
+    return allowed
+
+
+class UnsafePickleError(ValueError):
+    """A file holds pickled objects that pyfk refuses to unpickle (unpickling them could
+    run code from the file). `path`, `globals` (the classes/functions the pickle names
+    that are not allowed, possibly empty) and `reason` (why torch refused it)."""
+
+    def __init__(self, path: str, globals_: list[str], reason: str):
+        self.path, self.globals, self.reason = path, list(globals_), reason
+        super().__init__(f"{path}: not loaded: {self.held}; pyfk reads .pt/.pth files with "
+                         "torch.load(weights_only=True) and never unpickles other objects (that could run code "
+                         "from the file)")
+
+    @property
+    def whole_module(self) -> bool:
+        return any(g.startswith("torch.nn.modules.") for g in self.globals)
+
+    @property
+    def held(self) -> str:
+        """What the file holds, in words, for an error message."""
+        if not self.globals:
+            return f"torch.load(weights_only=True) refused it ({self.reason})"
+        names = sorted(self.globals, key=lambda g: (g.startswith("torch."), g))
+        shown = ", ".join(names[:4]) + (f", +{len(names) - 4} more" if len(names) > 4 else "")
+        if self.whole_module:
+            return f"a whole pickled nn.Module ({shown})"
+        return f"pickled Python objects that are not tensors ({shown})"
+
+
+def _refusal_reason(exc: BaseException) -> str:
+    """The informative part of torch's weights_only error, on one line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)
+    if m and m.group(1).strip():
+        text = m.group(1)
+    else:
+        m = re.search(r"^.*unsupported GLOBAL.*$", text, re.M | re.I)
+        if m:
+            text = m.group(0)
+    text = text.split(" Please use `torch.serialization")[0]
+    text = " ".join(text.split())
+    return text or type(exc).__name__
+
+
+_STRING_OPS = {"UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING",
+               "SHORT_BINSTRING"}
+# Globals torch's weights_only loader allows that a raw (legacy-format) torch.save pickle names.
+_ALWAYS_SAFE = re.compile(r"collections\.OrderedDict|_codecs\.encode|torch\._utils\.\w+|torch\.\w+Storage"
+                          r"|torch\.Size|torch\.device|torch\.(float|half|double|bfloat|u?int|long|short|bool|complex)\d*")
+
+
+def _scan_globals(path: str, limit: int = 4) -> list[str]:
+    """The module.name globals that the first pickles of a raw (non-zip) file reference,
+    read with pickletools, which only parses: nothing is imported or called. Best effort."""
+    import pickletools
+
+    found = []
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            for _ in range(limit):  # torch's legacy format: a few pickles, then raw storages
+                if f.tell() >= size:
+                    break
+                memo, pushed = {}, []
+                for op, arg, _pos in pickletools.genops(f):
+                    name = op.name
+                    if name in _STRING_OPS:
+                        pushed.append(arg)
+                    elif name == "MEMOIZE":
+                        memo[len(memo)] = pushed[-1] if pushed else None
+                    elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                        memo[arg] = pushed[-1] if pushed else None
+                    elif name in ("GET", "BINGET", "LONG_BINGET"):
+                        pushed.append(memo.get(arg))
+                    else:
+                        if name == "GLOBAL":
+                            found.append(arg.replace(" ", "."))
+                        elif (name == "STACK_GLOBAL" and len(pushed) >= 2
+                              and all(isinstance(v, str) for v in pushed[-2:])):
+                            found.append(f"{pushed[-2]}.{pushed[-1]}")
+                        pushed.append(None)
+    except Exception:  # noqa: BLE001 - a description only: stop where the file stops parsing
+        pass
+    return [g for g in dict.fromkeys(found) if not _ALWAYS_SAFE.fullmatch(g)]
+
+
+def _unsafe_globals(path: str) -> list[str]:
+    """The globals in a .pt file that torch's weights_only loader does not allow, found
+    without unpickling anything."""
+    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if finder is not None:
+        try:
+            return sorted(finder(path))
+        except Exception:  # noqa: BLE001 - not a zip checkpoint: scan the raw pickles
+            pass
+    return _scan_globals(path)
+
+
+def load_weights_only(path: str, allow_numpy: bool = True):
+    """``torch.load(path, weights_only=True)`` on the CPU, never anything less safe.
+
+    Tensors, containers of them and plain Python values load; with `allow_numpy`, NumPy
+    arrays too. A file that holds any other pickled object raises UnsafePickleError (a
+    ValueError) naming the file and what it holds; an unreadable file a ValueError.
+    No code from the file runs.
+    """
+    import contextlib
+
+    path = os.fspath(path)
+    allow = contextlib.nullcontext()
+    if allow_numpy and hasattr(torch.serialization, "safe_globals"):
+        allow = torch.serialization.safe_globals(_numpy_safe_globals())
+    try:
+        with allow:
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafePickleError(path, _unsafe_globals(path), _refusal_reason(exc)) from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the file ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises KeyError/EOFError/RuntimeError on non-torch files
+        reason = _refusal_reason(exc)
+        reason = reason if reason == type(exc).__name__ else f"{type(exc).__name__}: {reason}"
+        raise ValueError(f"{path}: not a readable torch.save file ({reason})") from None
+
+
+def _object_array_keys(path: str) -> list[str]:
+    """Members of an .npz that hold object arrays (pickled Python objects), read from the headers only."""
+    import zipfile
+
+    keys = []
+    try:
+        with zipfile.ZipFile(path) as z:
+            for member in z.namelist():
+                with z.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                              else np.lib.format.read_array_header_2_0)
+                    if reader(f)[2].hasobject:
+                        keys.append(member[:-4] if member.endswith(".npy") else member)
+    except Exception:  # noqa: BLE001 - a description only
+        pass
+    return keys
+
+
 def _load_tensor_file(path: str) -> dict:
     if path.endswith(".npz"):
         try:
             with np.load(path, allow_pickle=False) as f:
                 return {k: f[k] for k in f.files}
         except (OSError, ValueError) as exc:
+            objects = _object_array_keys(path)
+            if objects:
+                held = (f"{objects[0]!r} holds an object array" if len(objects) == 1
+                        else f"{', '.join(map(repr, objects))} hold object arrays")
+                raise ValueError(f"{path}: {held} (pickled Python objects); pyfk loads .npz files with "
+                                 "allow_pickle=False and never unpickles them: store numeric arrays") from None
+            if "allow_pickle" in str(exc):
+                raise ValueError(f"{path}: holds pickled data, not an .npz archive of arrays; pyfk loads "
+                                 ".npz files with allow_pickle=False and never unpickles them") from None
             raise ValueError(f"{path}: not a readable .npz file ({exc})") from None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # e.g. NumPy arrays inside: trusted like a checkpoint the user hands us
-        data = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise ValueError(f"{path}: not a readable torch.save file ({exc})") from None
+    data = load_weights_only(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a dict {{'x': tensor, 'y': labels, 'ids': ids}}, "
                          f"got {type(data).__name__}")
@@ -142,6 +305,10 @@ class TensorFileDataset(Dataset):
     Items are (x[i], y[i] or -1, ids[i] or i). Integer x (e.g. uint8 images) becomes
     float32 / 255; floating x is kept as stored (cast with `dtype=` if given).
     Attributes: path, x, y (None without labels), ids, has_labels.
+
+    Nothing in the file is executed: .pt/.pth files load with ``torch.load(weights_only=True)``
+    (tensors, NumPy arrays and plain values), .npz files with ``allow_pickle=False``; a file
+    holding any other pickled object is a ValueError naming the file and what it holds.
     """
 
     def __init__(self, path, dtype: torch.dtype | None = None):

@@ -8,17 +8,49 @@ for every strategy and seed, rounds of
     set; see `strategy_inputs`) -> select `budget` pool items -> label them.
 A run directory holds config.json, state.json (every finished round, committed
 atomically: an interrupted run resumes at the next round and, for the same
-config, reproduces an uninterrupted run exactly), results.csv / results.json and
-curve.png (mean over seeds with a min-max band).
+config, reproduces an uninterrupted run exactly), pretrain-seed<S>.pt (the rotation
+pretraining of seed S, when enabled; written atomically, a cache only), results.csv /
+results.json and curve.png (mean over seeds with a min-max band).
+
+Validation: `run` checks the whole config -- types and ranges of every key, then what
+needs the data (classes, pool size against initial + budget x rounds, layer names,
+Dropout for MC-dropout strategies) -- before any work or any file is written, and
+raises one ConfigError (a ValueError) with one line per problem, each naming the key.
+
+Randomness: every random draw of a round comes from a seed derived, with
+np.random.SeedSequence, from (seed, round, purpose[, member]) -- model init, minibatch
+order, dropout during training, ensemble members, MC-dropout passes, extraction and
+selection -- and the rotation pretraining from (seed, purpose). torch's global RNG is
+only used inside `torch.random.fork_rng` scopes seeded that way, so nothing carries
+from one round (or one pretraining) to the next: a round computes the same whether
+earlier rounds, or the pretraining, ran in this process, in another one, or were read
+back from disk. The strategy is deliberately not mixed into the seeds: strategies share
+their random numbers at the same (seed, round) (round 0 is one model for all of them),
+so they differ only through what they selected. Same machine and thread count: a
+resumed run is bit-identical to an uninterrupted one.
+
+Test-only hook: PYFK_RUN_TEST_PAUSE="<point>:<n>" makes the n-th arrival (in this
+process) at <point> print "pyfk run: test pause at <point> #<n>" to stderr and sleep,
+so that a test can kill the process exactly there. Points: "pretrain" (half-way through
+a rotation pretraining), "pretrain-save" (its cache file written, not yet renamed into
+place), "train" (half-way through a round's training) and "commit" (state.json's new
+version written and synced, not yet renamed into place). Not for normal use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
+import difflib
+import hashlib
+import io
 import json
+import math
+import numbers
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -32,9 +64,25 @@ from pyfk.al import data as datasets
 from pyfk.al import models, strategies
 from pyfk.al.strategies import Needs, PoolInputs, Strategy, ValInputs
 from pyfk.engine.descriptors import Descriptors
-from pyfk.features.extract import extract
+from pyfk.features.extract import PSEUDO_LABELS, extract
 
 DEFAULT_STRATEGIES = ["random", "entropy", "var_ratio", "coreset", "badge", "pfk"]
+DATASETS = ("mnist5k", "digits", "mnist", "cifar10", "svhn", "folder")  # see pyfk.al.data.load
+LOCAL_DATASETS = ("mnist", "cifar10", "svhn", "folder")                 # read from files under `root`
+SEEDING = 2  # state.json "seeding": how round seeds are derived (rounds of another scheme cannot be resumed)
+_MAX_SEED = 2**63 - 1
+
+
+class ConfigError(ValueError):
+    """An invalid run config: `problems` holds one line per problem, each starting with the key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            message = self.problems[0]
+        else:
+            message = f"invalid config ({len(self.problems)} problems):\n" + "\n".join(self.problems)
+        super().__init__(message)
 
 
 @dataclass
@@ -70,26 +118,226 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"config: unknown keys {unknown}; expected some of {sorted(names)}")
-        cfg = cls(**d)
-        cfg.validate()
+        """A Config from a dict (e.g. a JSON config); raises ConfigError listing every unknown key
+        and every value of the wrong type or range (what needs the data is checked by `run`)."""
+        cfg, problems = cls._parse(d)
+        problems += cfg.problems()
+        if problems:
+            raise ConfigError(problems)
         return cfg
 
+    @classmethod
+    def _parse(cls, d) -> tuple[Config, list[str]]:
+        if not isinstance(d, dict):
+            raise ConfigError([f"config: expected a dict (a JSON object) of Config keys, got {type(d).__name__}"])
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted((k for k in d if k not in names), key=str)
+        problems = [f"config: unknown keys {unknown}; expected some of {sorted(names)}"] if unknown else []
+        return cls(**{k: v for k, v in d.items() if k in names}), problems
+
     def validate(self) -> None:
-        bad = [s for s in self.strategies if s not in strategies.STRATEGIES]
-        if bad:
-            raise ValueError(f"strategies: unknown {bad}; expected some of {sorted(strategies.STRATEGIES)}")
-        for name in ("initial", "budget", "train_steps", "batch_size", "mc_passes", "k", "ensemble_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
-            raise ValueError(f"rounds: expected a non-negative integer, got {self.rounds!r}")
-        if not self.seeds or not all(isinstance(s, int) and s >= 0 for s in self.seeds):
-            raise ValueError(f"seeds: expected a non-empty list of non-negative integers, got {self.seeds!r}")
+        """Raise ConfigError listing every key whose value has the wrong type or range."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    def problems(self) -> list[str]:
+        """One line per key whose value has the wrong type or range ("key: expected X, got Y")."""
+        return [line for _, line in _static_problems(self)]
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def _static_problems(cfg: Config) -> list[tuple[str, str]]:
+    """(key, line) for every value of the wrong type or range; needs no data."""
+    out = []
+
+    def bad(key, expected):
+        out.append((key, f"{key}: expected {expected}, got {getattr(cfg, key)!r}"))
+
+    if not isinstance(cfg.dataset, str) or cfg.dataset not in DATASETS:
+        bad("dataset", f"one of {list(DATASETS)}")
+    if cfg.root is not None and (not isinstance(cfg.root, str) or not cfg.root):
+        bad("root", "null or the path of a folder")
+    elif cfg.root is None and cfg.dataset in LOCAL_DATASETS:
+        bad("root", f"the folder holding the files of dataset {cfg.dataset!r} (it reads local files)")
+    if not _is_real(cfg.imbalance) or not math.isfinite(cfg.imbalance) or cfg.imbalance < 1:
+        bad("imbalance", "a number >= 1 (pool ratio of majority to minority class size)")
+    if (not isinstance(cfg.minority, (list, tuple)) or not cfg.minority
+            or not all(_is_int(c) and c >= 0 for c in cfg.minority)):
+        bad("minority", "a non-empty list of class labels (non-negative integers)")
+    elif len(set(cfg.minority)) != len(cfg.minority):
+        bad("minority", "distinct class labels")
+    if not _is_real(cfg.label_noise) or not math.isfinite(cfg.label_noise) or not 0 <= cfg.label_noise < 1:
+        bad("label_noise", "a fraction in [0, 1)")
+    for key in ("val_per_class", "test_per_class", "initial", "budget", "train_steps", "batch_size",
+                "pretrain_steps", "mc_passes", "k", "ensemble_size"):
+        v = getattr(cfg, key)
+        if not _is_int(v) or v < 1:
+            bad(key, "a positive integer")
+    if not _is_int(cfg.rounds) or cfg.rounds < 0:
+        bad("rounds", "a non-negative integer")
+    if (not isinstance(cfg.strategies, (list, tuple)) or not cfg.strategies
+            or not all(isinstance(s, str) for s in cfg.strategies)):
+        bad("strategies", f"a non-empty list of strategy names, some of {sorted(strategies.STRATEGIES)}")
+    else:
+        unknown = [s for s in cfg.strategies if s not in strategies.STRATEGIES]
+        if unknown:
+            out.append(("strategies", f"strategies: unknown {unknown}; expected some of "
+                                      f"{sorted(strategies.STRATEGIES)}, got {cfg.strategies!r}"))
+        dup = sorted({s for s in cfg.strategies if cfg.strategies.count(s) > 1})
+        if dup:
+            out.append(("strategies", f"strategies: expected distinct names, got {dup} more than once"))
+    if (not isinstance(cfg.seeds, (list, tuple)) or not cfg.seeds
+            or not all(_is_int(s) and 0 <= s <= _MAX_SEED for s in cfg.seeds)):
+        bad("seeds", f"a non-empty list of integers in [0, {_MAX_SEED}] (not booleans)")
+    else:
+        dup = sorted({int(s) for s in cfg.seeds if list(cfg.seeds).count(s) > 1})
+        if dup:
+            out.append(("seeds", f"seeds: expected distinct seeds, got {dup} more than once"))
+    if not isinstance(cfg.model, str) or cfg.model not in models.MODELS:
+        bad("model", f"one of {sorted(models.MODELS)}")
+    if not _is_real(cfg.lr) or not math.isfinite(cfg.lr) or cfg.lr <= 0:
+        bad("lr", "a positive number (the Adam learning rate)")
+    if not isinstance(cfg.pretrain_rotation, bool):
+        bad("pretrain_rotation", "true or false")
+    if cfg.layers is not None:
+        if (not isinstance(cfg.layers, (list, tuple)) or not cfg.layers
+                or not all(isinstance(n, str) and n for n in cfg.layers)):
+            bad("layers", "null (the model's default layers) or a non-empty list of module names")
+        elif len(set(cfg.layers)) != len(cfg.layers):
+            bad("layers", "distinct module names")
+    if not isinstance(cfg.pseudo_label, str) or cfg.pseudo_label not in PSEUDO_LABELS:
+        bad("pseudo_label", f"one of {list(PSEUDO_LABELS)}")
+    if not _is_int(cfg.split_seed) or not 0 <= cfg.split_seed <= _MAX_SEED:
+        bad("split_seed", f"an integer in [0, {_MAX_SEED}]")
+    return out
+
+
+def _data_problems(cfg: Config, bad: set, ds: datasets.Dataset):
+    """(problems, split) for what needs the data; keys in `bad` (already reported) are not read."""
+    out, split = [], None
+    classes = np.unique(ds.y)
+    shape = ds.x.shape
+    if "minority" not in bad:
+        missing = [c for c in cfg.minority if c not in set(classes.tolist())]
+        if missing:
+            out.append(("minority", f"minority: expected classes of dataset {cfg.dataset!r} "
+                                    f"(labels {classes.min()}..{classes.max()}), got {missing} among {cfg.minority}"))
+        elif len(set(cfg.minority)) >= len(classes):
+            out.append(("minority", f"minority: expected some but not all of the {len(classes)} classes of "
+                                    f"dataset {cfg.dataset!r}, got all of them: {cfg.minority}"))
+    if not bad & {"val_per_class", "test_per_class"}:
+        smallest = int(np.bincount(np.searchsorted(classes, ds.y)).min())
+        if cfg.val_per_class + cfg.test_per_class >= smallest:
+            out.append(("val_per_class", f"val_per_class/test_per_class: expected val_per_class + test_per_class "
+                                         f"below {smallest} (the smallest class of dataset {cfg.dataset!r}, which "
+                                         f"also needs pool images), got {cfg.val_per_class} + {cfg.test_per_class}"))
+    split_keys = {"imbalance", "minority", "val_per_class", "test_per_class", "label_noise", "split_seed"}
+    if not out and not bad & split_keys:
+        split = datasets.biased_split(ds.y, imbalance=cfg.imbalance, minority=cfg.minority,
+                                      val_per_class=cfg.val_per_class, test_per_class=cfg.test_per_class,
+                                      label_noise=cfg.label_noise, seed=cfg.split_seed)
+        n = len(split.pool)
+        if "initial" not in bad and cfg.initial > n:
+            out.append(("initial", f"initial: expected at most the pool size {n}, got {cfg.initial}"))
+        elif not bad & {"initial", "budget", "rounds"} and cfg.initial + cfg.budget * cfg.rounds > n:
+            out.append(("budget", f"budget: expected initial + budget x rounds at most the pool size {n}, got "
+                                  f"{cfg.initial} + {cfg.budget} x {cfg.rounds} = "
+                                  f"{cfg.initial + cfg.budget * cfg.rounds}"))
+        elif not bad & {"initial", "budget", "rounds", "k", "strategies"} and cfg.rounds > 0:
+            takes_k = [s for s in cfg.strategies if "k" in strategies.STRATEGIES[s].params]
+            left = n - cfg.initial - cfg.budget * (cfg.rounds - 1)  # unlabeled pool at the last selection
+            if takes_k and cfg.k > left:
+                out.append(("k", f"k: expected at most {left} (the unlabeled pool left at the last round, "
+                                 f"which {takes_k} search), got {cfg.k}"))
+    if "model" not in bad:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):  # no memory, no RNG
+            probe = build_model(cfg.model, shape[1], len(classes), shape[-1])
+        if cfg.layers is not None and "layers" not in bad:
+            named = [n for n, _ in probe.named_modules() if n]
+            missing = [n for n in cfg.layers if n not in named]
+            if missing:
+                close = sorted({c for n in missing for c in difflib.get_close_matches(n, named, n=4, cutoff=0.5)})
+                out.append(("layers", f"layers: expected module names of model {cfg.model!r} (such as "
+                                      f"{[n for n, _ in probe.named_children()]}"
+                                      f"{f'; close matches: {close}' if close else ''}), got {missing}"))
+        if "strategies" not in bad:
+            mc = [s for s in cfg.strategies if strategies.STRATEGIES[s].needs.passes == "mc_dropout"]
+            if mc and not _dropouts(probe):
+                out.append(("strategies", f"strategies: {mc} read MC-dropout passes, but model {cfg.model!r} has "
+                                          "no Dropout module; use another model or strategy"))
+    return out, split
+
+
+def prepare(cfg: Config | dict) -> tuple[Config, datasets.Dataset, datasets.Split]:
+    """Check the whole config (a Config or a dict of Config keys) and load its data: returns
+    (config, dataset, split), or raises one ConfigError listing every problem. Writes nothing."""
+    if isinstance(cfg, Config):
+        problems = []
+    else:
+        cfg, problems = Config._parse(cfg)
+    static = _static_problems(cfg)
+    problems += [line for _, line in static]
+    bad = {key for key, _ in static}
+    ds = split = None
+    if not bad & {"dataset", "root"}:
+        try:
+            ds = datasets.load(cfg.dataset, cfg.root)
+        except (ValueError, TypeError, OSError, ImportError) as exc:
+            key = "root" if cfg.dataset in LOCAL_DATASETS else "dataset"
+            problems.append(f"{key}: cannot load dataset {cfg.dataset!r}"
+                            f"{f' from {cfg.root!r}' if cfg.root else ''}: {' '.join(str(exc).split())}")
+    if ds is not None:
+        more, split = _data_problems(cfg, bad, ds)
+        problems += [line for _, line in more]
+    if problems:
+        raise ConfigError(problems)
+    return cfg, ds, split
+
+
+# ----------------------------------------------------------------------------- seeds
+
+def _seed_for(*parts: int | str) -> int:
+    """A 32-bit seed from a tuple of non-negative ints and names (names hashed, not Python's hash())."""
+    words = []
+    for p in parts:
+        if isinstance(p, str):
+            words.append(int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little"))
+        else:
+            words.append(int(p))
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def _torch_seeded(seed: int):
+    """torch's global CPU RNG seeded with `seed` inside, restored to what it was on exit."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+_pauses: dict = {}
+
+
+def _test_pause(point: str) -> None:
+    """The test-only hook PYFK_RUN_TEST_PAUSE="<point>:<n>" (see the module docstring)."""
+    spec = os.environ.get("PYFK_RUN_TEST_PAUSE")
+    if not spec:
+        return
+    _pauses[point] = _pauses.get(point, 0) + 1
+    name, _, n = spec.rpartition(":")
+    if name == point and n.isdigit() and int(n) == _pauses[point]:
+        print(f"pyfk run: test pause at {point} #{n}", file=sys.stderr, flush=True)
+        time.sleep(600)
 
 
 # ----------------------------------------------------------------------------- model + training
@@ -102,33 +350,41 @@ def build_model(name: str, in_channels: int, classes: int, size: int) -> torch.n
     return models.MODELS[name](classes=classes, in_channels=in_channels)
 
 
-def _seed_for(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+def seeded_model(name: str, in_channels: int, classes: int, size: int, seed: int) -> torch.nn.Module:
+    """build_model with its initial weights drawn from `seed` (the global RNG is left as it was)."""
+    with _torch_seeded(seed):
+        return build_model(name, in_channels, classes, size)
 
 
-def train(model, x: torch.Tensor, y: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int):
-    """`steps` Adam steps on minibatches drawn with a seeded generator."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    n = x.shape[0]
-    for _ in range(steps):
-        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
+def train(model, x: torch.Tensor, y: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int, *,
+          pause: str | None = None):
+    """`steps` Adam steps on minibatches; the minibatch order and the dropout masks are drawn
+    from `seed` alone (the global RNG is left as it was)."""
+    gen = torch.Generator().manual_seed(_seed_for(seed, "order"))
+    with _torch_seeded(_seed_for(seed, "dropout")):
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        model.train()
+        n = x.shape[0]
+        for step in range(steps):
+            if pause is not None and step == steps // 2:
+                _test_pause(pause)
+            idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
     model.eval()
     return model
 
 
 def rotation_pretrain(cfg: Config, x: torch.Tensor, classes: int, seed: int) -> dict:
     """Self-supervised init (Gidaris et al. 2018): predict which of 4 rotations was applied,
-    on unlabeled pool images; returns the state dict of every layer but the classifier."""
-    torch.manual_seed(_seed_for(seed, 7))
-    model = build_model(cfg.model, x.shape[1], 4, x.shape[-1])
+    on unlabeled pool images; returns the state dict of every layer but the classifier.
+    A function of (cfg, x, seed) alone."""
+    model = seeded_model(cfg.model, x.shape[1], 4, x.shape[-1], _seed_for(seed, "pretrain", "init"))
     rotated = torch.cat([torch.rot90(x, r, dims=(2, 3)) for r in range(4)])
     labels = torch.arange(4).repeat_interleave(x.shape[0])
-    train(model, rotated, labels, cfg.pretrain_steps, 2 * cfg.batch_size, cfg.lr, _seed_for(seed, 8))
+    train(model, rotated, labels, cfg.pretrain_steps, 2 * cfg.batch_size, cfg.lr, _seed_for(seed, "pretrain", "train"),
+          pause="pretrain")
     head = _classifier_name(model)
     return {k: v for k, v in model.state_dict().items() if not k.startswith(head + ".")}
 
@@ -145,16 +401,17 @@ def predict(model, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
 
 @torch.no_grad()
 def mc_dropout(model, x: torch.Tensor, passes: int, seed: int, batch: int = 512) -> np.ndarray:
-    """(K, N, C) softmax with only the Dropout modules in train mode."""
+    """(K, N, C) softmax with only the Dropout modules in train mode; the masks are drawn from
+    `seed` alone (the global RNG is left as it was)."""
     drops = _dropouts(model)
     if not drops:
         raise ValueError("MC dropout: the model has no Dropout module")
-    torch.manual_seed(seed)
     model.eval()
     for m in drops:
         m.train()
     try:
-        return np.stack([predict_dropout(model, x, batch) for _ in range(passes)])
+        with _torch_seeded(seed):
+            return np.stack([predict_dropout(model, x, batch) for _ in range(passes)])
     finally:
         model.eval()
 
@@ -181,13 +438,35 @@ def evaluate(model, x: torch.Tensor, y: np.ndarray, classes: int, minority) -> d
 
 # ----------------------------------------------------------------------------- state
 
-def _atomic_json(path: str, obj) -> None:
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, write, pause: str | None = None) -> None:
+    """write(file) into path + ".tmp", sync it, then rename it over `path`: readers (and a
+    resumed run) see the old or the new content, never a part."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+    with open(tmp, "wb") as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
+    if pause is not None:
+        _test_pause(pause)
     os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _atomic_json(path: str, obj, pause: str | None = None) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()), pause)
 
 
 class Run:
@@ -196,30 +475,54 @@ class Run:
     def __init__(self, path: str, cfg: Config):
         self.path = path
         self.cfg = cfg
-        os.makedirs(path, exist_ok=True)
         cfg_file = os.path.join(path, "config.json")
-        cfg_dict = dataclasses.asdict(cfg)
+        cfg_dict = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        self.state_file = os.path.join(path, "state.json")
+        self.state = {"seeding": SEEDING, "runs": {}}
         if os.path.exists(cfg_file):
             with open(cfg_file) as f:
                 old = json.load(f)
-            if old != json.loads(json.dumps(cfg_dict)):
-                diff = sorted(k for k in cfg_dict if old.get(k) != json.loads(json.dumps(cfg_dict[k])))
+            if old != cfg_dict:
+                diff = sorted(k for k in set(cfg_dict) | set(old) if old.get(k) != cfg_dict.get(k))
                 raise ValueError(f"run: {path} holds a run with a different config (keys {diff}); "
                                  "use another directory or delete it")
-        else:
-            _atomic_json(cfg_file, cfg_dict)
-        self.state_file = os.path.join(path, "state.json")
-        self.state = {"runs": {}}
         if os.path.exists(self.state_file):
             with open(self.state_file) as f:
                 self.state = json.load(f)
+            done = sum(len(r) for r in self.state["runs"].values())
+            total = len(cfg.strategies) * len(cfg.seeds) * (cfg.rounds + 1)
+            if self.state.get("seeding") != SEEDING and 0 < done < total:
+                raise ValueError(f"run: {path} was started by an older pyfk that drew its random numbers "
+                                 "differently; resuming it would not reproduce an uninterrupted run. Use another "
+                                 "directory or delete it")
+        os.makedirs(path, exist_ok=True)
+        if not os.path.exists(cfg_file):
+            _atomic_json(cfg_file, cfg_dict)
 
     def rounds(self, key: str) -> list:
         return self.state["runs"].setdefault(key, [])
 
     def commit(self, key: str, record: dict) -> None:
         self.rounds(key).append(record)
-        _atomic_json(self.state_file, self.state)
+        _atomic_json(self.state_file, self.state, pause="commit")
+
+    def pretrained(self, seed: int, compute, like: dict) -> dict:
+        """The rotation pretraining of `seed`: read from pretrain-seed<seed>.pt if it is there and
+        holds tensors shaped like `like`, else compute() and save it atomically (a cache: the
+        computation is a pure function of the config and the seed)."""
+        path = os.path.join(self.path, f"pretrain-seed{seed}.pt")
+        if os.path.exists(path):
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+                if (isinstance(sd, dict) and set(sd) == set(like)
+                        and all(isinstance(v, torch.Tensor) and v.shape == like[k].shape and v.dtype == like[k].dtype
+                                for k, v in sd.items())):
+                    return sd
+            except Exception:  # noqa: BLE001 -- an unreadable cache is recomputed
+                pass
+        sd = compute()
+        _atomic_write(path, lambda f: torch.save(sd, f), pause="pretrain-save")
+        return sd
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -237,6 +540,7 @@ def strategy_inputs(needs: Needs, model, cfg: Config, layers, pool_x, val_x, val
       val        the validation set extracted with true-label gradients (also the reference of
                  pseudo_label="map" when descriptors are read).
     PoolInputs.n is always the pool size (all that `random` reads).
+    `seed` seeds the extraction's MC perturbations and the MC-dropout masks (nothing else is random).
     """
     fields = set(needs.pool)
     pseudo = cfg.pseudo_label if "descriptors" in fields else "argmax"
@@ -248,13 +552,14 @@ def strategy_inputs(needs: Needs, model, cfg: Config, layers, pool_x, val_x, val
     if fields & {"probs", "descriptors", "badge", "features"}:
         with_badge = bool(fields & {"badge", "features"})
         ext = extract(model, DataLoader(TensorDataset(pool_x), batch_size=256), layers,
-                      pseudo_label=pseudo, badge=with_badge, seed=seed, mc_passes=cfg.mc_passes,
+                      pseudo_label=pseudo, badge=with_badge, seed=_seed_for(seed, "extract"),
+                      mc_passes=cfg.mc_passes,
                       map_reference=(val_ext.descriptors, val_y) if pseudo == "map" else None, progress=False)
         inputs.update(probs=ext.probs, descriptors=ext.descriptors, badge=ext.badge)
         if "features" in fields:
             inputs["features"] = Descriptors([np.ascontiguousarray(np.asarray(ext.badge.z[0])[:, :-1])])
     if needs.passes == "mc_dropout":
-        inputs["mc_probs"] = mc_dropout(model, pool_x, cfg.mc_passes, _seed_for(seed, 11))
+        inputs["mc_probs"] = mc_dropout(model, pool_x, cfg.mc_passes, _seed_for(seed, "mc_dropout"))
     elif needs.passes == "ensemble":
         inputs["mc_probs"] = np.stack([predict(m, pool_x).numpy() for m in (model, *members)])
     pool = PoolInputs(**{name: inputs[name] for name in needs.pool}, n=int(pool_x.shape[0]))
@@ -268,64 +573,69 @@ def strategy_params(spec: Strategy, cfg: Config) -> dict:
     return {name: getattr(cfg, name) for name in spec.params if name in names}
 
 
-def _check_model_for(cfg: Config, in_channels: int, classes: int, size: int) -> None:
-    """Strategies that read MC-dropout passes need a model with a Dropout module."""
-    mc = [s for s in cfg.strategies if strategies.STRATEGIES[s].needs.passes == "mc_dropout"]
-    if not mc:
-        return
-    with torch.random.fork_rng(devices=[]):  # the probe model leaves the global RNG as it was
-        probe = build_model(cfg.model, in_channels, classes, size)
-    if not _dropouts(probe):
-        raise ValueError(f"strategies: {mc} read MC-dropout passes, but model {cfg.model!r} has no Dropout "
-                         "module; use another model or strategy")
+def run(cfg: Config | dict, path: str, *, log=print, progress: bool = True) -> dict:
+    """Run (or resume) every strategy x seed; returns the results dict also saved as JSON.
 
-
-def run(cfg: Config, path: str, *, log=print, progress: bool = True) -> dict:
-    """Run (or resume) every strategy x seed; returns the results dict also saved as JSON."""
-    cfg.validate()
-    ds = datasets.load(cfg.dataset, cfg.root)
-    _check_model_for(cfg, ds.x.shape[1], ds.classes, ds.x.shape[-1])
-    split = datasets.biased_split(ds.y, imbalance=cfg.imbalance, minority=cfg.minority,
-                                  val_per_class=cfg.val_per_class, test_per_class=cfg.test_per_class,
-                                  label_noise=cfg.label_noise, seed=cfg.split_seed)
+    `cfg`: a Config or a dict of Config keys. The whole config is checked first (`prepare`):
+    an invalid one raises one ConfigError (a ValueError) listing every problem, before any
+    work or any file is written. The caller's global torch RNG is left as it was."""
+    cfg, ds, split = prepare(cfg)
     state = Run(path, cfg)
+    with torch.random.fork_rng(devices=[]):
+        return _run(cfg, ds, split, state, log, progress)
+
+
+def _run(cfg: Config, ds: datasets.Dataset, split: datasets.Split, state: Run, log, progress: bool) -> dict:
     x_all = torch.from_numpy(ds.x)
     pool_x, val_x, test_x = x_all[split.pool], x_all[split.val], x_all[split.test]
     pool_y = torch.from_numpy(split.pool_labels)  # what the annotator returns (noise applied)
     val_y, test_y = ds.y[split.val], ds.y[split.test]
     layers = cfg.layers or models.default_layers(cfg.model)
+    shape = (ds.x.shape[1], ds.classes, ds.x.shape[-1])
     log(f"pyfk run: {cfg.dataset}, pool {len(split.pool)} (per class {split.counts}), val {len(split.val)}, "
-        f"test {len(split.test)}; minority {split.minority} at {cfg.imbalance:g}x; -> {path}")
+        f"test {len(split.test)}; minority {split.minority} at {cfg.imbalance:g}x; -> {state.path}")
     total = len(cfg.strategies) * len(cfg.seeds) * (cfg.rounds + 1)
     done = sum(len(state.rounds(f"{s}/seed{seed}")) for s in cfg.strategies for seed in cfg.seeds)
     bar = tqdm(total=total, initial=done, unit="round", desc="pyfk run", disable=not progress)
     pretrained = {}
 
-    def pretrained_init(seed):
+    def init_weights(seed):
+        """The rotation-pretrained weights of `seed` (None without pretraining); computed at most once."""
+        if not cfg.pretrain_rotation:
+            return None
         if seed not in pretrained:
-            pretrained[seed] = rotation_pretrain(cfg, pool_x, ds.classes, seed)
+            with torch.device("meta"):
+                like = build_model(cfg.model, shape[0], 4, shape[2])
+            head = _classifier_name(like)
+            like = {k: v for k, v in like.state_dict().items() if not k.startswith(head + ".")}
+            pretrained[seed] = state.pretrained(seed, lambda: rotation_pretrain(cfg, pool_x, ds.classes, seed), like)
         return pretrained[seed]
+
+    def fit(seed, labeled, init_seed, train_seed):
+        model = seeded_model(cfg.model, *shape, init_seed)
+        init = init_weights(seed)
+        if init is not None:
+            model.load_state_dict(init, strict=False)
+        return train(model, pool_x[labeled], pool_y[labeled], cfg.train_steps, cfg.batch_size, cfg.lr, train_seed,
+                     pause="train")
 
     first_round = {}  # seed -> round-0 model: the same for every strategy (same labels, same seeds)
     for seed in cfg.seeds:
         for strategy in cfg.strategies:
             key = f"{strategy}/seed{seed}"
             rounds = state.rounds(key)
-            labeled = np.sort(np.random.default_rng(_seed_for(seed, 1)).choice(len(split.pool), cfg.initial,
-                                                                                 replace=False))
+            labeled = np.sort(np.random.default_rng(_seed_for(seed, "initial")).choice(
+                len(split.pool), cfg.initial, replace=False))
             for rec in rounds:
                 labeled = np.sort(np.concatenate([labeled, np.asarray(rec["selected"], dtype=np.int64)]))
             for r in range(len(rounds), cfg.rounds + 1):
-                torch.manual_seed(_seed_for(seed, r, 2))
-                model = build_model(cfg.model, ds.x.shape[1], ds.classes, ds.x.shape[-1])
                 t0 = time.perf_counter()
                 if r == 0 and seed in first_round:
+                    model = seeded_model(cfg.model, *shape, _seed_for(seed, r, "init"))
                     model.load_state_dict(first_round[seed])
+                    model.eval()
                 else:
-                    if cfg.pretrain_rotation:
-                        model.load_state_dict(pretrained_init(seed), strict=False)
-                    train(model, pool_x[labeled], pool_y[labeled], cfg.train_steps, cfg.batch_size, cfg.lr,
-                          _seed_for(seed, r, 3))
+                    model = fit(seed, labeled, _seed_for(seed, r, "init"), _seed_for(seed, r, "train"))
                     if r == 0:
                         first_round[seed] = copy.deepcopy(model.state_dict())
                 train_s = time.perf_counter() - t0
@@ -337,17 +647,12 @@ def run(cfg: Config, path: str, *, log=print, progress: bool = True) -> dict:
                     spec = strategies.STRATEGIES[strategy]
                     members = []
                     if spec.needs.passes == "ensemble":  # extra members: same labels, other seeds
-                        for e in range(1, cfg.ensemble_size):
-                            torch.manual_seed(_seed_for(seed, r, 5, e))
-                            member = build_model(cfg.model, ds.x.shape[1], ds.classes, ds.x.shape[-1])
-                            if cfg.pretrain_rotation:
-                                member.load_state_dict(pretrained_init(seed), strict=False)
-                            members.append(train(member, pool_x[labeled], pool_y[labeled], cfg.train_steps,
-                                                 cfg.batch_size, cfg.lr, _seed_for(seed, r, 6, e)))
-                    inputs, val = strategy_inputs(spec.needs, model, cfg, layers, pool_x, val_x, val_y, seed,
-                                                  members)
+                        members = [fit(seed, labeled, _seed_for(seed, r, "member-init", e),
+                                       _seed_for(seed, r, "member-train", e)) for e in range(1, cfg.ensemble_size)]
+                    inputs, val = strategy_inputs(spec.needs, model, cfg, layers, pool_x, val_x, val_y,
+                                                  _seed_for(seed, r, "inputs"), members)
                     sel = strategies.select(strategy, inputs, cfg.budget, labeled=labeled,
-                                            seed=_seed_for(seed, r, 4), val=val, **strategy_params(spec, cfg))
+                                            seed=_seed_for(seed, r, "select"), val=val, **strategy_params(spec, cfg))
                     record["selection_seconds"] = round(time.perf_counter() - t0, 3)
                     record["selected"] = sel.indices.tolist()
                     record["selected_minority"] = int(np.isin(ds.y[split.pool[sel.indices]], split.minority).sum())
@@ -370,10 +675,11 @@ def write_results(state: Run, split=None) -> dict:
                          "majority_accuracy": rec["majority_accuracy"],
                          "selected_minority": rec.get("selected_minority", 0),
                          "selection_seconds": rec["selection_seconds"]})
-    with open(os.path.join(state.path, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["strategy"])
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["strategy"])
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(os.path.join(state.path, "results.csv"), lambda f: f.write(text.getvalue().encode()))
     summary = summarise(rows)
     _atomic_json(os.path.join(state.path, "results.json"), {"rows": rows, "summary": summary})
     plot(summary, os.path.join(state.path, "curve.png"))

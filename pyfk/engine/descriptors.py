@@ -36,6 +36,9 @@ def _check_array(a, name: str):
             raise TypeError(f"{name}: expected a float16/float32/float64 array, got dtype {a.dtype}")
         kind = "numpy"
     elif isinstance(a, torch.Tensor):
+        if a.layout != torch.strided:
+            raise TypeError(f"{name}: expected a dense (strided) torch tensor, got layout {a.layout}; "
+                            "call .to_dense() first")
         if a.dtype not in _TORCH_FLOATS:
             raise TypeError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got dtype {a.dtype}")
         kind = "torch"
@@ -223,9 +226,16 @@ def segments(desc: Descriptors, combine: str) -> tuple[list, list[int], bool]:
     return parts, list(layout.widths), layout.product
 
 
+def _positive_strides(a: np.ndarray) -> np.ndarray:
+    """`a`, or a C-contiguous copy if a stride is negative: NumPy calls a one-row or
+    one-column view with a negative stride contiguous, but torch.from_numpy refuses it."""
+    a = np.ascontiguousarray(a)
+    return a.copy(order="C") if any(st < 0 for st in a.strides) else a
+
+
 def _as_tensor(a, device) -> torch.Tensor:
     if isinstance(a, np.ndarray):
-        a = np.ascontiguousarray(a)
+        a = _positive_strides(a)
         if not a.flags.writeable:  # read-only memmap (a store): torch warns, but we only read it
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

@@ -56,7 +56,7 @@ def resolve(name: str, device) -> Backend:
     b = get(name)
     reason = b.unavailable_reason()
     if reason is not None:
-        raise BackendUnavailable(f"backend {name!r} is not available: {reason}")
+        raise BackendUnavailable(f"backend: {name!r} is not available here: {reason}")
     if dev not in b.devices:
-        raise ValueError(f"backend {name!r} runs on {list(b.devices)} tensors, got tensors on {dev}")
+        raise ValueError(f"backend: {name!r} expected tensors on {list(b.devices)}, got tensors on {dev}")
     return b

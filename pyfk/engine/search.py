@@ -350,6 +350,9 @@ def select(pool: Descriptors, val: Descriptors, budget: int, val_labels=None, va
     budget = check_int(budget, "budget", 1, available, " (the pool size after exclusion)")
     k = min(DEFAULT_K, available) if k is None else check_int(k, "k", 1, available, " (the pool size after exclusion)")
     seed = check_int(seed, "seed", 0, 2**63 - 1)
+    for flag, value in (("use_all", use_all), ("return_details", return_details)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{flag}: expected True or False, got {type(value).__name__} {value!r}")
 
     if use_all or val_labels is None or val_pred is None:
         if not use_all and (val_labels is None) != (val_pred is None):
@@ -370,7 +373,10 @@ def select(pool: Descriptors, val: Descriptors, budget: int, val_labels=None, va
     b = resolve(backend, pool.device)
     opts = b.resolve_options(options)
     if budget < len(queries):
-        dist = KernelDistances(val.take(queries), combine, normalize, b, opts)
+        val_queries = val.take(queries)
+        # k-centre computes R(v, v') among the validation rows: they must fit float32 too
+        check_representable(val_queries, val_queries, combine, normalize, qname="val", pname="val")
+        dist = KernelDistances(val_queries, combine, normalize, b, opts)
         centres = queries[greedy_k_centre(dist, budget, seed=seed)[0]]
     else:
         centres = queries

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 import sys
 
 import numpy as np
@@ -24,10 +25,14 @@ from tqdm.auto import tqdm
 
 from pyfk.engine.descriptors import Descriptors
 from pyfk.engine.search import topk
+from pyfk.errors import check_choice, check_int
 from pyfk.features.extraction import Extraction
 from pyfk.features.writer import StoreWriter
 
 PSEUDO_LABELS = ("argmax", "true", "map", "mc")
+DTYPES = ("float32", "float16", "float64")
+_MAX_SEED = 2**63 - 1
+_MASK62 = (1 << 62) - 1
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -44,6 +49,9 @@ def _resolve_modules(model: torch.nn.Module, layers, what: str = "layers") -> li
     named = dict(model.named_modules())
     out = []
     for name in layers:
+        if not isinstance(name, str):
+            raise TypeError(f"{what}: expected module names (str) as in model.named_modules(), got "
+                            f"{type(name).__name__} {name!r}")
         if name not in named:
             close = difflib.get_close_matches(str(name), [n for n in named if n], n=5, cutoff=0.4)
             hint = f"; close matches: {close}" if close else ""
@@ -57,8 +65,11 @@ def _resolve_modules(model: torch.nn.Module, layers, what: str = "layers") -> li
 def _hash_uniform(ids: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
     """Counter-based uniforms in [0, 1) from (seed, example id, stream): the same
     example gets the same draw whatever batch it is in (batch invariance)."""
-    mask = (1 << 62) - 1
-    x = (ids.to(torch.int64) * 0x9E3779B1 + seed * 0x85EBCA77 + stream * 0xC2B2AE3D + 0x27D4EB2F) & mask
+    mask = _MASK62
+    # the constant part reduced mod 2**62 in Python: the same values as adding it to the int64 tensor
+    # (which wraps mod 2**64), without overflowing int64 for large seeds
+    offset = (seed * 0x85EBCA77 + stream * 0xC2B2AE3D + 0x27D4EB2F) & mask
+    x = (ids.to(torch.int64) * 0x9E3779B1 + offset) & mask
     for mult in (0x5851F42D, 0x2545F491, 0x6C078965):  # xorshift-multiply rounds
         x = (x ^ (x >> 29)) & mask
         x = (x * mult) & mask
@@ -94,11 +105,29 @@ def _split_batch(batch, index: int, start: int):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"loader: batch {index} inputs should be a tensor, got {type(x).__name__}")
     n = x.shape[0]
-    y = None if y is None else torch.as_tensor(y).reshape(-1).long()
+    y = None if y is None else _integers(y, index, "labels", "labels", "integer class labels").reshape(-1).long()
     if y is not None and y.shape[0] != n:
         raise ValueError(f"loader: batch {index} has {n} inputs but {y.shape[0]} labels")
-    ids = torch.arange(start, start + n) if ids is None else torch.as_tensor(ids).reshape(-1).long()
+    ids = (torch.arange(start, start + n) if ids is None
+           else _integers(ids, index, "loader", "ids", "integer example ids").reshape(-1).long())
+    if ids.shape[0] != n:
+        raise ValueError(f"loader: batch {index} has {n} inputs but {ids.shape[0]} ids")
     return x, y, ids
+
+
+def _integers(v, index: int, name: str, what: str, expected: str) -> torch.Tensor:
+    """A batch's labels or ids as an integer tensor; floats (1.7 would silently become 1), bools,
+    complex numbers and anything that is not numeric raise TypeError naming `name`."""
+    try:
+        t = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name}: expected {expected}, got {type(v).__name__} as the {what} of batch {index} "
+                        f"({exc})") from None
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        hint = " (cast whole-number labels with .long())" if what == "labels" and t.is_floating_point() else ""
+        raise TypeError(f"{name}: expected {expected}, got dtype {t.dtype} as the {what} of batch {index}"
+                        f"{hint}; nothing of this batch was stored")
+    return t
 
 
 class _Taps:
@@ -145,13 +174,11 @@ class _Projection:
         self.mats = []
         self.spec = {}
         for j, (L, name) in enumerate(zip(widths, names)):
-            target = projection.get(name) if isinstance(projection, dict) else projection
+            target = projection.get(name) if isinstance(projection, dict) else projection  # checked by extract
             if target is None or target >= L:
                 self.mats.append(None)
                 continue
-            if isinstance(target, bool) or not isinstance(target, int) or target < 1:
-                raise ValueError(f"projection: expected a positive integer width for {name!r}, got {target!r}")
-            gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + j)
+            gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + j) % (1 << 64))
             self.mats.append(torch.randn(L, target, generator=gen) / math.sqrt(target))
             self.spec[name] = [L, target]
 
@@ -193,32 +220,43 @@ def extract(model: torch.nn.Module, loader, layers, pseudo_label: str = "argmax"
             store; the kernels read it directly) or "float64" (for checking).
         store: a directory: write into an on-disk DescriptorStore (resumable: a rerun with
             the same settings continues after the last committed batch; needs a DataLoader
-            over a sized dataset in a fixed order). overwrite=True starts it over.
+            over a sized dataset in a fixed order). overwrite=True starts it over. A complete
+            store is opened read-only and returned; one writer at a time (StoreLockedError
+            names the other); see pyfk.features.store for space, symlink and lock rules.
+    Every argument is checked before any batch is computed or any store file touched: a bad
+    one raises ValueError/TypeError naming it (`name: expected X, got Y`): layers (a list of
+    module names), loader (iterable), projection (None, a positive int or {layer: positive
+    int}), seed (an int in [0, 2**63)), finite non-negative mc_degrees / mc_brightness, device
+    (known and available), store (a directory, or a path where one can be made).
+    Per batch, before the forward pass: labels (the loader's second element) and ids must be
+    integers (TypeError naming `labels` / `loader`; floats would be truncated).
+    Raises ValueError naming the example ids (nothing of that batch is kept) for NaN/Inf
+    descriptors or probabilities and for labels outside [0, classes) where labels are used.
     Returns:
         Extraction (see its docstring).
     """
-    if pseudo_label not in PSEUDO_LABELS:
-        raise ValueError(f"pseudo_label: expected one of {list(PSEUDO_LABELS)}, got {pseudo_label!r}")
+    # every argument is checked here, before any batch is computed or any store file touched
+    check_choice(pseudo_label, "pseudo_label", PSEUDO_LABELS)
     if dtype is None:
         dtype = "float32" if store is None else "float16"
-    if dtype not in ("float32", "float16", "float64"):
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ValueError(f"dtype: expected 'float32', 'float16' or 'float64', got {dtype!r}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_loader(loader)
     if pseudo_label == "map":
         map_desc, map_labels = _check_map_reference(map_reference)
-    if isinstance(mc_passes, bool) or not isinstance(mc_passes, int) or mc_passes < 1:
-        raise ValueError(f"mc_passes: expected a positive integer, got {mc_passes!r}")
-    layers = list(layers) if not isinstance(layers, str) else layers
+    mc_passes = check_int(mc_passes, "mc_passes", 1, 2**31 - 1)
+    mc_degrees = _check_nonnegative(mc_degrees, "mc_degrees")
+    mc_brightness = _check_nonnegative(mc_brightness, "mc_brightness")
+    seed = check_int(seed, "seed", 0, _MAX_SEED)
+    layers = _check_layers(layers)
     modules = _resolve_modules(model, layers)
+    projection = _check_projection(projection, layers)
     badge_module = None
     if badge:
         badge_module = _badge_module(model, badge_layer)
-
-    if device is None:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = _check_device(device, model)
     cuda = device.type == "cuda"
     if amp is None:
         amp = cuda and torch.cuda.is_bf16_supported()
@@ -289,6 +327,8 @@ def extract(model: torch.nn.Module, loader, layers, pseudo_label: str = "argmax"
             logits = logits if logits.dtype == torch.float64 else logits.float()
             probs = torch.softmax(logits.detach(), dim=1)
             pred = probs.argmax(dim=1)
+            if pseudo_label == "true" or with_true:
+                _check_labels(y, int(logits.shape[1]), ids, b_index, "labels")
             y_dev = None if y is None else y.to(device)
             if proj is None:
                 proj = _Projection([int(z.shape[1]) for z in taps.z], projection, layers, seed)
@@ -300,7 +340,9 @@ def extract(model: torch.nn.Module, loader, layers, pseudo_label: str = "argmax"
             elif pseudo_label == "mc":
                 target = mc_probs.argmax(dim=1)
             else:
-                target = _map_labels(z_out, map_desc, map_labels).to(device)
+                target = _map_labels(z_out, map_desc, map_labels)
+                _check_labels(target, int(logits.shape[1]), ids, b_index, "map_reference")
+                target = target.to(device)
             grads = _probe_grads(logits, target, taps, retain=with_true)
             grads_true = _probe_grads(logits, y_dev, taps, retain=False) if with_true else None
             batch_out = {
@@ -312,12 +354,17 @@ def extract(model: torch.nn.Module, loader, layers, pseudo_label: str = "argmax"
             }
             if badge_module is not None:
                 batch_out["badge"] = _badge_factors(badge_input.get("h"), probs, pred, badge_module)
+            _check_finite(batch_out, layers, ids, b_index)  # before anything of the batch is kept
             if writer is not None:
                 writer.write(row, batch_out)
             else:
                 out.add(batch_out)
             row += x.shape[0]
             bar.update(x.shape[0])
+    except BaseException:
+        if writer is not None:
+            writer.close()  # releases the store's write lock now, not when the traceback is dropped
+        raise
     finally:
         bar.close()
         taps.remove()
@@ -332,6 +379,125 @@ def extract(model: torch.nn.Module, loader, layers, pseudo_label: str = "argmax"
     if writer is not None:
         return writer.finish(meta)
     return out.result(meta)
+
+
+def _check_loader(loader) -> None:
+    """Something to iterate over batches of (a DataLoader, a list of batches, a generator)."""
+    iterable = hasattr(type(loader), "__iter__") or hasattr(type(loader), "__getitem__")
+    if isinstance(loader, (str, bytes)) or not iterable:
+        raise TypeError(f"loader: expected a DataLoader or an iterable of x, (x, y) or (x, y, ids) batches, "
+                        f"got {type(loader).__name__} {loader!r:.80}")
+
+
+def _check_layers(layers) -> list:
+    """A list of the layer names (module names); a string or a non-iterable raises TypeError."""
+    if isinstance(layers, (str, bytes)) or not (hasattr(type(layers), "__iter__")):
+        raise TypeError(f"layers: expected a non-empty list of module names, got {type(layers).__name__} "
+                        f"{layers!r:.80}")
+    return list(layers)
+
+
+def _check_nonnegative(value, name: str) -> float:
+    """A finite real number >= 0 (an MC perturbation parameter)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a finite number >= 0, got {type(value).__name__} {value!r:.80}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    return value
+
+
+def _check_projection(projection, layers: list):
+    """None, a positive int width, or {layer: positive int width (or None)} over names in `layers`."""
+    def width(v, where: str):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"projection: expected None, a positive integer width or a dict {{layer: positive "
+                            f"integer}}, got {type(v).__name__} {v!r:.80}{where}")
+        if v < 1:
+            raise ValueError(f"projection: expected a positive integer width, got {int(v)}{where}")
+        return int(v)
+
+    if projection is None:
+        return None
+    if isinstance(projection, dict):
+        unknown = [k for k in projection if k not in layers]
+        if unknown:
+            raise ValueError(f"projection: keys {unknown!r:.200} are not among the tapped layers {layers}")
+        return {k: None if v is None else width(v, f" for layer {k!r}") for k, v in projection.items()}
+    return width(projection, "")
+
+
+def _check_device(device, model: torch.nn.Module) -> torch.device:
+    """The torch.device to run on (default: the model's); an unknown or unavailable device raises
+    ValueError naming `device` before any work."""
+    if device is None:
+        first = next(model.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"device: expected a torch.device, a device string such as 'cpu' or 'cuda:0', or a CUDA "
+                        f"device index, got {type(device).__name__} {device!r:.80}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        if isinstance(device, int) and device >= 0:  # an accelerator index where none is available
+            raise ValueError(f"device: expected an available device, got {device!r}: no CUDA (accelerator) device "
+                             "is available; use device='cpu'") from None
+        raise ValueError(f"device: expected a device such as 'cpu', 'cuda' or 'cuda:0', got {device!r:.80}") \
+            from None
+    if dev.type == "meta":
+        raise ValueError(f"device: expected a device that holds data, got {device!r} (the meta device)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: expected an available device, got {device!r}: no CUDA device is available "
+                             "(torch.cuda.is_available() is False); use device='cpu'")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device: expected an available device, got {device!r}: there "
+                             f"{'is' if count == 1 else 'are'} {count} CUDA device(s) (indices 0..{count - 1})")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(1, device=dev)
+        except (RuntimeError, AssertionError, ValueError, TypeError, NotImplementedError) as exc:
+            raise ValueError(f"device: expected an available device, got {device!r} "
+                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    return dev
+
+
+def _check_labels(y: torch.Tensor, classes: int, ids: torch.Tensor, b_index: int, name: str) -> None:
+    """Class indices must be in [0, classes) before they reach cross_entropy (IndexError there)."""
+    bad = (y < 0) | (y >= classes)
+    if bool(bad.any()):
+        bad = bad.cpu()
+        values = sorted(set(y.cpu()[bad].tolist()))
+        bad_ids = ids[bad].tolist()
+        more = f" and {len(bad_ids) - 20} more" if len(bad_ids) > 20 else ""
+        raise ValueError(f"{name}: expected class indices in [0, {classes}) (the model returns {classes} classes), "
+                         f"got {values[:20]} for example ids {bad_ids[:20]}{more} (batch {b_index}); nothing of this "
+                         "batch was stored")
+
+
+def _check_finite(b: dict, layers, ids: torch.Tensor, b_index: int) -> None:
+    """NaN/Inf in a batch's descriptors or probabilities (a NaN input, a diverged model): raise
+    naming the arrays and the example ids. One device sync when all is well."""
+    named = []
+    for j, layer in enumerate(layers):
+        named.append((f"z{j} (layer {layer!r})", b["z"][j]))
+        named.append((f"g{j} (layer {layer!r})", b["g"][j]))
+        if b["g_true"] is not None:
+            named.append((f"g_true{j} (layer {layer!r})", b["g_true"][j]))
+    named.append(("probs", b["probs"]))
+    if "badge" in b:
+        named += [("badge_h0", b["badge"][0]), ("badge_e0", b["badge"][1])]
+    rows_ok = torch.stack([torch.isfinite(t).reshape(t.shape[0], -1).all(dim=1) for _, t in named])
+    if bool(rows_ok.all()):
+        return
+    rows_ok = rows_ok.cpu()
+    which = [what for (what, _), ok in zip(named, rows_ok) if not bool(ok.all())]
+    bad_ids = ids[~rows_ok.all(dim=0)].tolist()
+    more = f" and {len(bad_ids) - 20} more" if len(bad_ids) > 20 else ""
+    raise ValueError(f"extract: non-finite values (NaN or Inf) in {', '.join(which)} for example ids "
+                     f"{bad_ids[:20]}{more} (batch {b_index}); check those inputs and the model (a NaN input, "
+                     "a diverged model); nothing of this batch was stored")
 
 
 def _probe_grads(logits, target, taps, retain):

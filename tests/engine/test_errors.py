@@ -181,11 +181,11 @@ def test_unavailable_backend_names_the_missing_piece(data, monkeypatch):
     listed = {b["name"]: b for b in pyfk.backends()}
     assert listed["missing_piece"]["available"] is False
     assert listed["missing_piece"]["reason"] == "the test double's library is not installed"
-    with pytest.raises(pyfk.BackendUnavailable, match="backend 'missing_piece' is not available: the test double's"):
+    with pytest.raises(pyfk.BackendUnavailable, match="backend: 'missing_piece' is not available here: the test"):
         pyfk.topk(q, p, k=2, backend="missing_piece")
     # the real backends missing on this machine (none on a fully equipped one) say why, too
     for b in [b for b in pyfk.backends() if not b["available"]]:
-        with pytest.raises(pyfk.BackendUnavailable, match=f"backend '{b['name']}' is not available: .+"):
+        with pytest.raises(pyfk.BackendUnavailable, match=f"backend: '{b['name']}' is not available here: .+"):
             pyfk.topk(q, p, k=2, backend=b["name"])
 
 
@@ -203,7 +203,7 @@ def test_cuda_only_backend_on_cpu_tensors_when_available(data, monkeypatch):
 
     q, p = data
     monkeypatch.setitem(backend.REGISTRY, "fake_gpu", FakeGpu())
-    with pytest.raises(ValueError, match=r"backend 'fake_gpu' runs on \['cuda'\] tensors, got tensors on cpu"):
+    with pytest.raises(ValueError, match=r"backend: 'fake_gpu' expected tensors on \['cuda'\], got tensors on cpu"):
         pyfk.topk(q, p, k=2, backend="fake_gpu")
 
 

@@ -109,3 +109,51 @@ def test_k_whose_state_cannot_fit_in_memory(rng):
     p = pyfk.Descriptors([np.zeros((4_000_000, 1), np.float32)])
     with pytest.raises(ValueError, match=r"k: expected a k whose \(2000 x k\) top-k state fits in memory"):
         pyfk.topk(q, p, k=4_000_000, combine="features")
+
+
+def test_one_row_and_one_column_views_with_negative_strides(rng, backend):
+    """NumPy flags a one-row view with a negative stride contiguous; torch and the C++ kernel
+    refused it. Such views are valid input and must give the oracle's answer."""
+    x = rng.standard_normal((1, 5)).astype(np.float32)
+    one_row = x[::-1].copy()[::-1]  # shape (1, 5), row stride negative
+    assert one_row.strides[0] < 0
+    col = rng.standard_normal((40, 1)).astype(np.float32)[:, ::-1]  # one column, negative column stride
+    pool = rng.standard_normal((30, 5)).astype(np.float32)
+    q = pyfk.Descriptors([one_row], [one_row])
+    s, i = pyfk.topk(q, pyfk.Descriptors([pool], [pool]), k=3, backend=backend)
+    S = similarity64([x], [x], [pool], [pool])
+    assert_valid_topk(s, i, S, 3, tolerance([x], [x], [pool], [pool], "product", "pcc"))
+    s, i = pyfk.topk(pyfk.Descriptors([pool[:2]]), pyfk.Descriptors([one_row]), k=1, combine="features",
+                     backend=backend)
+    assert i.tolist() == [[0], [0]]
+    R = pyfk.similarity(pyfk.Descriptors([col[:3]]), pyfk.Descriptors([col]), combine="features",
+                        normalize="none", backend=backend)
+    np.testing.assert_allclose(R, col[:3].astype(np.float64) @ col.T.astype(np.float64), rtol=1e-6)
+
+
+def test_select_k_centre_on_values_beyond_float32_is_refused(rng):
+    vz, vg = make_arrays(rng, 10, [4])
+    pz, pg = make_arrays(rng, 50, [4])
+    val = pyfk.Descriptors([(vz[0] * 1e30).astype(np.float32)], vg)
+    pool = pyfk.Descriptors([(pz[0] * 1e-30).astype(np.float32)], pg)  # val x pool representable, val x val not
+    with pytest.raises(ValueError, match=r"val: with normalize='none', the values of scale 0 \(z\[0\]\)"):
+        pyfk.select(pool, val, budget=2, normalize="none", use_all=True)
+
+
+@pytest.mark.parametrize("bad", [-1, 0, "2", 2.5, True, [2]])
+def test_cpu_threads_option_is_checked(rng, bad):
+    d = pyfk.Descriptors([rng.standard_normal((5, 3))])
+    with pytest.raises(ValueError, match="options: 'threads' expected None or a positive integer"):
+        pyfk.topk(d, d, k=2, combine="features", backend="cpu", options={"threads": bad})
+
+
+def test_sparse_tensors_and_non_bool_flags_are_refused(rng):
+    z = torch.from_numpy(rng.standard_normal((6, 3)))
+    with pytest.raises(TypeError, match=r"z\[0\]: expected a dense \(strided\) torch tensor, got layout"):
+        pyfk.Descriptors([z.to_sparse()])
+    d = pyfk.Descriptors([z], [z])
+    with pytest.raises(TypeError, match="use_all: expected True or False, got str 'no'"):
+        pyfk.select(d, d, budget=2, use_all="no")
+    with pytest.raises(TypeError, match="use_all: expected True or False"):
+        pyfk.acquire("pfk", pyfk.PoolInputs(descriptors=d), budget=2, val=pyfk.ValInputs(descriptors=d),
+                     use_all="no")

@@ -165,8 +165,8 @@ def test_manifest_never_half_written(tmp_path, rng, monkeypatch):
     assert (path / "manifest.json").read_bytes() == before
     assert _manifest(path)["rows_done"] == 10
     assert store.rows_done == 10 and not store.complete  # in-memory state unchanged too
-    assert sorted(p.name for p in path.iterdir()) == sorted(
-        ["manifest.json", "z0.npy", "g0.npy", "z1.npy", "g1.npy", "labels.npy"])  # no temp file left
+    assert sorted(p.name for p in path.iterdir()) == sorted(  # no temp file left; the writer's lock while open
+        ["manifest.json", "z0.npy", "g0.npy", "z1.npy", "g1.npy", "labels.npy", ".pyfk.lock"])
     assert DescriptorStore.open(path).rows_done == 10
     store.commit(20)  # and it works once replace does
     assert DescriptorStore.open(path).complete
@@ -278,7 +278,10 @@ def test_create_over_existing_store(tmp_path, rng):
     assert DescriptorStore.open(path).rows_done == 12  # unchanged
     store = DescriptorStore.create(path, 5, {"z0": ((4,), "float32")}, overwrite=True)
     assert store.rows_done == 0
-    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "z0.npy"]  # old arrays removed
+    # old arrays removed (.pyfk.lock: the write lock, held until the store is closed)
+    assert sorted(p.name for p in path.iterdir()) == [".pyfk.lock", "manifest.json", "z0.npy"]
+    store.close()
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "z0.npy"]
     r = DescriptorStore.open(path)
     assert (r.n, r.names, r.descriptors().g) == (5, ["z0"], None)
 

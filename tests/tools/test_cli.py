@@ -74,7 +74,8 @@ def open_store(path):
 
 def test_extract_image_folder_whole_module_and_rerun(image_folder, checkpoints, tmp_path, capsys):
     out = tmp_path / "pool.pfk"
-    argv = ["extract", "--model", checkpoints["whole"], "--data", image_folder, "--out", out, "--batch-size", 4]
+    argv = ["extract", "--model", checkpoints["whole"], "--trust-checkpoint", "--data", image_folder, "--out", out,
+            "--batch-size", 4]
     rc, stdout, err = run(argv, capsys)
     assert rc == 0, err
     assert "6 rows" in stdout and "conv1 (20)" in stdout and "images/s" in stdout
@@ -152,7 +153,8 @@ def test_extract_errors_exit_2_with_one_line(case, image_folder, tensor_file, ch
         "missing_data": (["--model", checkpoints["whole"], "--data", tmp_path / "none", "--out", out], "none"),
         "labels_needed": (["--model", checkpoints["state"], "--arch", "lenet", "--data", tensor_file["unlabeled"],
                            "--out", out, "--pseudo-label", "true"], "has no labels"),
-        "changed_settings": (["--model", checkpoints["whole"], "--data", image_folder, "--out", out], "--overwrite"),
+        "changed_settings": (["--model", checkpoints["whole"], "--trust-checkpoint", "--data", image_folder,
+                              "--out", out], "--overwrite"),
     }[case]
     if case == "changed_settings":
         assert run(["extract", *argv, "--layers", "conv1"], capsys)[0] == 0

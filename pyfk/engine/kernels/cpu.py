@@ -64,7 +64,8 @@ def _chunk_float32(a, sel) -> np.ndarray:
         if not isinstance(sel, slice):
             sel = torch.as_tensor(sel)
         return a[sel].detach().float().contiguous().numpy()
-    return np.ascontiguousarray(a[sel], dtype=np.float32)
+    out = np.ascontiguousarray(a[sel], dtype=np.float32)
+    return out.copy() if any(st < 0 for st in out.strides) else out  # one-row views keep a negative stride
 
 
 def _native(a) -> bool:
@@ -117,6 +118,17 @@ class CpuBackend(Backend):
 
     def unavailable_reason(self):
         return IMPORT_ERROR
+
+    def resolve_options(self, options):
+        opts = super().resolve_options(options)
+        threads, isa_name = opts["threads"], opts["isa"]
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                    or threads < 1):
+            raise ValueError(f"options: 'threads' expected None or a positive integer, got {threads!r}")
+        if isa_name is not None and not isinstance(isa_name, str):
+            raise ValueError(f"options: 'isa' expected None or one of 'auto', 'avx512', 'avx2', 'generic', "
+                             f"got {isa_name!r}")
+        return opts
 
     def chunk_rows(self, m, width, options):
         return chunk_rows(m, width)
