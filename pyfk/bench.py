@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import pyfk
 from pyfk.engine import registry
@@ -53,6 +54,7 @@ from pyfk.engine.descriptors import COMBINES, normalized_block
 from pyfk.engine.kernels import cpu as _cpu
 from pyfk.engine.kernels.faiss import recall_at_k
 from pyfk.engine.layout import Layout
+from pyfk.features.store import DescriptorStore
 
 BASELINE = "materialise"
 REFERENCE = "torch"  # the backend every other one is checked against, and the GPU speed-up reference
@@ -166,8 +168,11 @@ def median_time(fn: Callable[[], object], repeats: int, device="cpu", warmup: in
 
 
 def _rss_bytes() -> int:
+    """Anonymous resident memory: resident minus file-backed pages, so the pages of a
+    memory-mapped store the kernel reads are not counted as memory the search needs."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _load_malloc_trim():
@@ -252,7 +257,7 @@ def peak_memory(device="cpu"):
 
 
 def _peak_label(device: str) -> str:
-    return "CUDA memory allocated" if device == "cuda" else "RSS"
+    return "CUDA memory allocated" if device == "cuda" else "anonymous RSS (file-backed pages excluded)"
 
 
 def _measure(fn, repeats: int, device, peak: bool = True) -> dict:
@@ -625,12 +630,63 @@ def text_table(rows: Sequence[Sequence], left: int = 1) -> list[str]:
 
 # ----------------------------------------------------------------------------- the harness
 
+# The ImageNet-shaped case: an fp16 DescriptorStore the size of the ImageNet-1k train set.
+PRESETS = {"imagenet": {"M": 1000, "N": 1_281_167, "widths": [64, 128, 256, 512], "k": 32, "dtype": "float16"}}
+_PRESET_CHUNK = 1 << 16  # rows generated and committed per step (resumable)
+
+
+def cache_dir() -> Path:
+    """Where pyfk keeps reusable benchmark data: $PYFK_CACHE_DIR, else $XDG_CACHE_HOME/pyfk,
+    else ~/.cache/pyfk."""
+    if os.environ.get("PYFK_CACHE_DIR"):
+        return Path(os.environ["PYFK_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pyfk"
+
+
+def preset_store(name: str, root=None, seed: int = 1, progress: bool = True):
+    """The preset's pool as a DescriptorStore under `root` (default cache_dir()/bench): built
+    once from seeded random fp16 descriptors, chunk by chunk, each chunk committed, so an
+    interrupted build resumes; a complete store is reused (opened read-only). Chunk c of
+    array a is drawn from np.random.default_rng([seed, a, c]): the content never depends on
+    where a build was interrupted."""
+    if name not in PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
+    spec = PRESETS[name]
+    n, widths, dtype = spec["N"], spec["widths"], spec["dtype"]
+    root = Path(root) if root is not None else cache_dir() / "bench"
+    path = root / f"{name}-N{n}-L{'-'.join(map(str, widths))}-{dtype}-seed{seed}"
+    names = [f"{part}{j}" for j in range(len(widths)) for part in ("z", "g")]
+    if (path / "manifest.json").exists():
+        store = DescriptorStore.open(path, "r")
+        if store.complete:
+            return store
+        store.close()
+        store = DescriptorStore.open(path, "r+")
+    else:
+        arrays = {f"{part}{j}": ((w,), dtype) for j, w in enumerate(widths) for part in ("z", "g")}
+        store = DescriptorStore.create(path, n, arrays, meta={"preset": name, "seed": seed})
+    with tqdm(total=n, initial=store.rows_done, unit="rows", unit_scale=True, disable=not progress,
+              desc=f"pyfk bench: building the {name} store at {path}") as bar:
+        for start in range(store.rows_done, n, _PRESET_CHUNK):
+            stop = min(n, start + _PRESET_CHUNK)
+            chunk = start // _PRESET_CHUNK
+            batch = {a: np.random.default_rng([seed, i, chunk]).standard_normal(
+                (stop - start, widths[i // 2])).astype(dtype) for i, a in enumerate(names)}
+            store.write(start, batch)
+            store.commit(stop)
+            bar.update(stop - start)
+    store.close()
+    return DescriptorStore.open(path, "r")
+
+
 def run_bench(M: int, N: int, widths: Sequence[int], k: int = 32, combine: str = "product",
               dtype: str = "float32", backends: Sequence[str] | None = None, threads: int | None = None,
               repeats: int = 3, check: bool = True, baseline: bool = True, peak: bool = True,
               seed: int = 0, *, device="cpu", options: Mapping | None = None, budget: float | None = None,
               deadline: float | None = None, gemm: dict | None = None, errors: str = "raise",
-              on_row: Callable[[dict], None] | None = None) -> dict:
+              on_row: Callable[[dict], None] | None = None, pool: pyfk.Descriptors | None = None,
+              preset: str | None = None) -> dict:
     """Benchmark `pyfk.topk` per backend against the materialise baseline; returns a JSON-ready dict.
 
     device: "cpu" (NumPy inputs) or "cuda" (torch inputs on the GPU). backends: None = the
@@ -643,6 +699,8 @@ def run_bench(M: int, N: int, widths: Sequence[int], k: int = 32, combine: str =
     which no backend is started (rows say "skipped"). gemm: a gemm_rate() result to reuse
     instead of measuring one shaped like this problem. errors="record" puts a backend's
     exception into its row ("error") instead of raising. on_row(row) is called as each row is done.
+    pool: a pool to search instead of random descriptors (e.g. a DescriptorStore's memmaps from
+    preset_store); N and the widths must match it. preset: its name, recorded in the JSON.
     Raises BackendUnavailable for a requested backend that cannot run here, before any work.
     """
     widths = [int(w) for w in widths]
@@ -682,8 +740,11 @@ def run_bench(M: int, N: int, widths: Sequence[int], k: int = 32, combine: str =
         "mn_matrix_mib": M * N * 4 / _MiB,
         "peak_memory": _peak_label(dev.type) if peak else None,
     }
+    if pool is not None and (pool.n != N or pool.widths != widths):
+        raise ValueError(f"pool: expected {N} rows of widths {widths}, got {pool.n} rows of widths {pool.widths}")
+    args["preset"] = preset
     q = make_descriptors(M, widths, dtype, seed, dev)
-    p = make_descriptors(N, widths, dtype, seed + 1, dev)
+    p = pool if pool is not None else make_descriptors(N, widths, dtype, seed + 1, dev)
     result["gemm"] = gemm if gemm is not None else gemm_rate(
         M, N, kernel_width(widths, combine), repeats, seed, device=dev, dtype=_gemm_dtype(dtype, dev))
 

@@ -1,6 +1,6 @@
 """The `pyfk` command line (also `python -m pyfk`).
 
-    pyfk bench [--quick] [--M 1000 --N 50000 --widths 64,128,256,512 --k 32] [--device cpu|cuda]
+    pyfk bench [--quick | --preset imagenet] [--M 1000 --N 50000 --widths 64,128,256,512 --k 32] [--device cpu|cuda]
                [--backends cpu,torch] [--option [BACKEND.]KEY=VALUE ...] [--json out.json]
     pyfk backends
     pyfk extract --model CKPT [--arch lenet|resnet18|pkg.module:callable] [--trust-checkpoint]
@@ -107,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="skip the peak memory measurement (made on the warm-up calls)")
     bench.add_argument("--json", metavar="PATH", type=Path, default=None,
                        help="also write the full result as JSON to PATH (parent folders are created)")
+    bench.add_argument("--preset", choices=("imagenet",), default=None,
+                       help="imagenet: M=1000 queries against an fp16 DescriptorStore of N=1,281,167 rows "
+                            "(widths 64,128,256,512, k=32, backends cpu), built once (resumably, ~4.9 GB) "
+                            "under --cache-dir and reused; the baseline is skipped (its matrix would be 4.8 GiB)")
+    bench.add_argument("--cache-dir", type=Path, default=None,
+                       help="where --preset keeps its store (default $PYFK_CACHE_DIR, else ~/.cache/pyfk)")
     bench.add_argument("--quick", action="store_true",
                        help=f"small fast size: M={_QUICK['M']} N={_QUICK['N']} "
                             f"widths={','.join(map(str, _QUICK['widths']))} (explicit --M/--N/--widths win)")
@@ -159,11 +165,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     M = args.M if args.M is not None else size["M"]
     N = args.N if args.N is not None else size["N"]
     widths = args.widths if args.widths is not None else size["widths"]
+    k, dtype, backends, pool = args.k, args.dtype, args.backends, None
     try:
-        result = run_bench(M, N, widths, k=args.k, combine=args.combine, dtype=args.dtype, backends=args.backends,
+        if args.preset:
+            from pyfk.bench import PRESETS, cache_dir, preset_store
+
+            spec = PRESETS[args.preset]
+            M, N, widths, k, dtype = spec["M"], spec["N"], spec["widths"], spec["k"], spec["dtype"]
+            root = (args.cache_dir or cache_dir()) / "bench"
+            pool = preset_store(args.preset, root).to_descriptors()
+            backends = backends or ["cpu"]
+        result = run_bench(M, N, widths, k=k, combine=args.combine, dtype=dtype, backends=backends,
                            threads=args.threads, repeats=args.repeats, check=not args.no_check,
-                           baseline=not args.no_baseline, peak=not args.no_peak, seed=args.seed,
-                           device=args.device, options=dict(args.options or ()), budget=args.budget)
+                           baseline=not args.no_baseline and pool is None, peak=not args.no_peak, seed=args.seed,
+                           device=args.device, options=dict(args.options or ()), budget=args.budget, pool=pool,
+                           preset=args.preset)
     except (BackendUnavailable, ValueError) as exc:
         if os.environ.get("PYFK_DEBUG"):
             raise
