@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -26,9 +28,11 @@ bool cpu_has(const char* feature) {
     // Every feature named in kernel_avx512.cpp's PYFK_TARGET.
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (std::string(feature) == "avx2")
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  if (std::string(feature) == "avx2")  // every feature named in kernel_avx2.cpp's PYFK_TARGET
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
 #endif
   return std::string(feature) == "generic";
 }
@@ -136,7 +140,19 @@ PoolArgs pool_args(const py::list& segments, const py::object& rows, const std::
   return out;
 }
 
-void topk_update(const farray& queries, const py::list& pool, const py::object& rows,
+// Per pool segment, the smallest position whose raw row the kernel found NaN or Inf in,
+// or -1: `bad` as the kernels filled it (see kernel_api.hpp), as a Python list.
+std::vector<int64_t> bad_slots(size_t segments) {
+  return std::vector<int64_t>(segments, std::numeric_limits<int64_t>::max());
+}
+
+py::list bad_positions(const std::vector<int64_t>& bad) {
+  py::list out;
+  for (int64_t b : bad) out.append(b == std::numeric_limits<int64_t>::max() ? int64_t{-1} : b);
+  return out;
+}
+
+py::list topk_update(const farray& queries, const py::list& pool, const py::object& rows,
                  const std::string& normalize, bool product, int64_t index_offset, farray scores,
                  iarray index, int threads, const std::string& isa) {
   PoolArgs args = pool_args(pool, rows, normalize);
@@ -152,12 +168,15 @@ void topk_update(const farray& queries, const py::list& pool, const py::object& 
   float* s = scores.mutable_data();
   int64_t* ix = index.mutable_data();
   const int t = thread_count(threads);
-  if (args.view.n == 0) return;
-  py::gil_scoped_release release;
-  kern.topk_update(q, m, args.view, lay, k, index_offset, s, ix, t);
+  std::vector<int64_t> bad = bad_slots(args.view.segs.size());
+  if (args.view.n > 0) {
+    py::gil_scoped_release release;
+    kern.topk_update(q, m, args.view, lay, k, index_offset, s, ix, t, bad.data());
+  }
+  return bad_positions(bad);
 }
 
-void similarity(const farray& queries, const py::list& pool, const std::string& normalize,
+py::list similarity(const farray& queries, const py::list& pool, const std::string& normalize,
                 bool product, farray out, int threads, const std::string& isa) {
   PoolArgs args = pool_args(pool, py::none(), normalize);
   const Layout lay = make_layout(args.widths, product);
@@ -169,9 +188,12 @@ void similarity(const farray& queries, const py::list& pool, const std::string& 
   const float* q = queries.data();
   float* o = out.mutable_data();
   const int t = thread_count(threads);
-  if (n == 0) return;
-  py::gil_scoped_release release;
-  kern.similarity(q, m, args.view, lay, o, t);
+  std::vector<int64_t> bad = bad_slots(args.view.segs.size());
+  if (n > 0) {
+    py::gil_scoped_release release;
+    kern.similarity(q, m, args.view, lay, o, t, bad.data());
+  }
+  return bad_positions(bad);
 }
 
 py::list isas() {
@@ -190,10 +212,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("index").noconvert(), py::arg("threads") = 0, py::arg("isa") = "auto",
         "Merge the top-k of normalised queries (M, D) x pool segments into the sorted (M, k)\n"
         "state arrays in place; pool rows are gathered (rows), converted and normalised\n"
-        "while packed. Result index = index_offset + pool position.");
+        "while packed. Result index = index_offset + pool position. Returns, per pool segment,\n"
+        "the first position whose raw row holds NaN or Inf, or -1 (the state is then not valid).");
   m.def("similarity", &similarity, py::arg("queries"), py::arg("pool"), py::arg("normalize"),
         py::arg("product"), py::arg("out").noconvert(), py::arg("threads") = 0, py::arg("isa") = "auto",
-        "Dense (M, N) similarity of normalised queries x pool segments into `out`.");
+        "Dense (M, N) similarity of normalised queries x pool segments (normalised while packed)\n"
+        "into `out`. Returns per pool segment the first non-finite position, or -1, like topk_update.");
   m.def("isas", &isas, "Instruction sets this CPU can run, fastest first.");
   m.def("isa_default", []() { return std::string(pick("auto").isa); });
 }

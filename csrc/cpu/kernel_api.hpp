@@ -34,11 +34,15 @@ struct PoolView {
   Normalize normalize = Normalize::none;
 };
 
+// `bad` (both kernels): one slot per pool segment, filled with INT64_MAX by the caller.
+// The kernels test every raw pool row they read for NaN/Inf while converting it (before
+// normalising) and lower bad[s] to the smallest position whose segment s is non-finite;
+// such rows are scored as zeros, so the caller must raise, not use the results.
 using TopkFn = void (*)(const float* q, int64_t m, const PoolView& pool, const Layout& lay,
                         int64_t k, int64_t index_offset, float* scores, int64_t* index,
-                        int threads);
+                        int threads, int64_t* bad);
 using SimilarityFn = void (*)(const float* q, int64_t m, const PoolView& pool,
-                              const Layout& lay, float* out, int threads);
+                              const Layout& lay, float* out, int threads, int64_t* bad);
 
 struct Kernels {
   TopkFn topk_update;

@@ -2,7 +2,8 @@
 #define PYFK_ISA avx2
 #define PYFK_ISA_NAME "avx2"
 #if defined(__x86_64__) || defined(__i386__)  // elsewhere: portable code, never selected
-#define PYFK_TARGET "avx2,fma"
+#define PYFK_TARGET "avx2,fma,f16c"
+#define PYFK_F16C 1  // fp16 rows converted with vcvtph2ps (cpu_has requires f16c)
 #endif
 #define PYFK_VW 8
 #define PYFK_MR 6

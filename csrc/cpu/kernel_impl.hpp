@@ -24,6 +24,15 @@
 // AVX-512 instructions; those instances are shared (COMDAT/ODR) between the
 // three files, the linker kept one, and the avx2/generic kernels crashed with
 // SIGILL on CPUs without AVX-512 (seen on an AMD EPYC with AVX2 only).
+//
+// fp16 pool rows: the avx2/avx512 variants (PYFK_F16C; F16C is in their PYFK_TARGET
+// and required by cpu_has) convert with vcvtph2ps, exact for half -> float like the
+// software half_to_float the generic variant keeps.
+//
+// Finiteness: the pool is not scanned before the kernel runs. Every raw pool row
+// segment is tested for NaN/Inf while it is converted for packing (before it is
+// normalised), and the smallest offending position per segment is reported in
+// `bad` (see kernel_api.hpp); the caller raises after the pass.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -34,6 +43,10 @@
 #include <vector>
 
 #include "kernel_api.hpp"
+
+#ifdef PYFK_F16C
+#include <immintrin.h>  // before the target pragma, like every header
+#endif
 
 #ifdef PYFK_TARGET
 #define PYFK_PRAGMA(x) _Pragma(#x)
@@ -178,7 +191,8 @@ static inline float vdot(const float* a, const float* b, int64_t w) {
   return total;
 }
 
-// Largest |x[k]| over k < w (x finite: checked before any kernel runs).
+// Largest |x[k]| over k < w (x finite: load_pool_row tests every pool row first, queries
+// are checked in Python).
 static inline float vmaxabs(const float* x, int64_t w) {
   vf acc{};
   int64_t k = 0;
@@ -219,30 +233,88 @@ static inline void normalize_row(float* x, int64_t w, Normalize mode) {
   for (int64_t k = 0; k < w; ++k) x[k] *= scale;
 }
 
-// Gather pool position `pos`, segment s, into x[0..w): convert to float32 and normalise.
-static inline void load_pool_row(const PoolView& pool, int64_t pos, size_t s, int64_t w, float* x) {
+#ifdef PYFK_F16C
+// VW halves -> VW floats with F16C (exact). Unaligned loads: rows have any stride.
+static inline vf half_vec(const uint16_t* p) {
+#if PYFK_VW == 16
+  return reinterpret_cast<vf>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif PYFK_VW == 8
+  return reinterpret_cast<vf>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+#error "PYFK_F16C needs PYFK_VW 8 or 16"
+#endif
+}
+static inline float half_scalar(uint16_t h) { return _cvtsh_ss(h); }
+#else
+static inline float half_scalar(uint16_t h) { return half_to_float(h); }
+#endif
+
+// Gather pool position `pos`, segment s, into x[0..w): convert to float32 and
+// normalise. Returns false if the raw row holds NaN or Inf; x is then zeroed (and
+// not normalised) so the pass goes on with harmless values until the caller raises.
+// The test is `acc += v - v` (0 for finite lanes, NaN once any lane was NaN or Inf),
+// one subtract and one add per vector on data already in registers.
+static inline bool load_pool_row(const PoolView& pool, int64_t pos, size_t s, int64_t w, float* x) {
   const Segment& seg = pool.segs[s];
   const int64_t row = pool.rows ? pool.rows[pos] : pos;
+  vf acc{};
+  float tail = 0.0f;
+  int64_t k = 0;
   if (seg.dtype == DType::f32) {
-    std::memcpy(x, static_cast<const float*>(seg.data) + row * seg.ld, w * sizeof(float));
+    const float* src = static_cast<const float*>(seg.data) + row * seg.ld;
+    for (; k + VW <= w; k += VW) {
+      vf v;
+      std::memcpy(&v, src + k, sizeof v);
+      std::memcpy(x + k, &v, sizeof v);
+      acc += v - v;
+    }
+    for (; k < w; ++k) {
+      x[k] = src[k];
+      tail += x[k] - x[k];
+    }
   } else {
     const uint16_t* src = static_cast<const uint16_t*>(seg.data) + row * seg.ld;
-    for (int64_t k = 0; k < w; ++k) x[k] = half_to_float(src[k]);
+#ifdef PYFK_F16C
+    for (; k + VW <= w; k += VW) {
+      const vf v = half_vec(src + k);
+      std::memcpy(x + k, &v, sizeof v);
+      acc += v - v;
+    }
+#endif
+    for (; k < w; ++k) {
+      x[k] = half_scalar(src[k]);
+      tail += x[k] - x[k];
+    }
+  }
+  bool finite = tail == 0.0f;
+#pragma GCC unroll 16
+  for (int l = 0; l < VW; ++l) finite &= acc[l] == 0.0f;
+  if (__builtin_expect(!finite, 0)) {
+    std::fill(x, x + w, 0.0f);
+    return false;
   }
   normalize_row(x, w, pool.normalize);
+  return true;
+}
+
+// bad[s] = min(bad[s], pos), atomically (threads share `bad`; the joins publish it).
+static inline void note_bad(int64_t* bad, size_t s, int64_t pos) {
+  int64_t cur = __atomic_load_n(bad + s, __ATOMIC_RELAXED);
+  while (pos < cur && !__atomic_compare_exchange_n(bad + s, &cur, pos, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
 }
 
 // Pack pool positions [pos0, pos0 + count) into one NR-column panel: gather the
 // row, convert to float32, normalise each segment, store k-major; zero padded.
 static void pack_pool_panel(const PoolView& pool, int64_t pos0, int64_t count, const Layout& lay,
-                            float* panel, std::vector<float>& tmp) {
+                            float* panel, std::vector<float>& tmp, int64_t* bad) {
   for (size_t s = 0; s < lay.widths.size(); ++s) {
     const int64_t off = lay.offsets[s], w = lay.widths[s];
     float* dst = panel + NR * off;
     int64_t r = 0;
     for (; r < count; ++r) {
       float* x = tmp.data();
-      load_pool_row(pool, pos0 + r, s, w, x);
+      if (!load_pool_row(pool, pos0 + r, s, w, x)) note_bad(bad, s, pos0 + r);
       for (int64_t k = 0; k < w; ++k) dst[k * NR + r] = x[k];
     }
     for (; r < NR; ++r)
@@ -275,12 +347,12 @@ static inline void row_scores(const float* q, int64_t m, const float* x, const L
 // Load every pool position in [p0, p1) as one normalised row and score it.
 template <class OnRow>
 static void sweep_rows(const float* q, int64_t m, const PoolView& pool, const Layout& lay, int64_t p0,
-                       int64_t p1, OnRow on_row) {
+                       int64_t p1, int64_t* bad, OnRow on_row) {
   std::vector<float> x(static_cast<size_t>(lay.width));
   float scores[FEW > 0 ? FEW : 1];
   for (int64_t pos = p0; pos < p1; ++pos) {
     for (size_t s = 0; s < lay.widths.size(); ++s)
-      load_pool_row(pool, pos, s, lay.widths[s], x.data() + lay.offsets[s]);
+      if (!load_pool_row(pool, pos, s, lay.widths[s], x.data() + lay.offsets[s])) note_bad(bad, s, pos);
     row_scores(q, m, x.data(), lay, scores);
     on_row(pos, scores);
   }
@@ -319,7 +391,7 @@ static void parallel_ranges(int64_t n, int64_t grain, int threads, F body) {
 }
 
 void topk_update(const float* q, int64_t m, const PoolView& pool, const Layout& lay,
-                 int64_t k, int64_t index_offset, float* scores, int64_t* index, int threads) {
+                 int64_t k, int64_t index_offset, float* scores, int64_t* index, int threads, int64_t* bad) {
   const int64_t n = pool.n;
   if (m <= FEW) {
     const int64_t grain = 1024;
@@ -329,7 +401,7 @@ void topk_update(const float* q, int64_t m, const PoolView& pool, const Layout& 
       TopK& heaps = partial[t];
       heaps.init(m, k);
       if (t == 0) heaps.seed(scores, index);
-      sweep_rows(q, m, pool, lay, p0, p1, [&](int64_t pos, const float* row) {
+      sweep_rows(q, m, pool, lay, p0, p1, bad, [&](int64_t pos, const float* row) {
         for (int64_t i = 0; i < m; ++i)
           if (row[i] >= heaps.threshold(i)) heaps.push(i, row[i], index_offset + pos);
       });
@@ -356,7 +428,7 @@ void topk_update(const float* q, int64_t m, const PoolView& pool, const Layout& 
       const int64_t panels = (items + NR - 1) / NR;
       for (int64_t c = 0; c < panels; ++c)
         pack_pool_panel(pool, b0 + c * NR, std::min<int64_t>(NR, items - c * NR), lay,
-                        bpack.data() + c * NR * lay.width, tmp);
+                        bpack.data() + c * NR * lay.width, tmp, bad);
       for (int64_t i = 0; i < qpanels; ++i) {
         const float* a = qpack.data() + i * MR * lay.width;
         const int rows = static_cast<int>(std::min<int64_t>(MR, m - i * MR));
@@ -392,11 +464,11 @@ void topk_update(const float* q, int64_t m, const PoolView& pool, const Layout& 
 // template with a per-tile callback cost ~20% of topk_update's speed (GCC 12 kept
 // the tile in memory across the call), measured with 2 threads at M=1000, D=1920.
 void similarity(const float* q, int64_t m, const PoolView& pool, const Layout& lay,
-                float* out, int threads) {
+                float* out, int threads, int64_t* bad) {
   const int64_t n = pool.n;
   if (m <= FEW) {
     parallel_ranges(n, 1024, threads, [&](int, int64_t p0, int64_t p1) {
-      sweep_rows(q, m, pool, lay, p0, p1, [&](int64_t pos, const float* row) {
+      sweep_rows(q, m, pool, lay, p0, p1, bad, [&](int64_t pos, const float* row) {
         for (int64_t i = 0; i < m; ++i) out[i * n + pos] = row[i];
       });
     });
@@ -415,7 +487,7 @@ void similarity(const float* q, int64_t m, const PoolView& pool, const Layout& l
       const int64_t panels = (items + NR - 1) / NR;
       for (int64_t c = 0; c < panels; ++c)
         pack_pool_panel(pool, b0 + c * NR, std::min<int64_t>(NR, items - c * NR), lay,
-                        bpack.data() + c * NR * lay.width, tmp);
+                        bpack.data() + c * NR * lay.width, tmp, bad);
       for (int64_t i = 0; i < qpanels; ++i) {
         const int rows = static_cast<int>(std::min<int64_t>(MR, m - i * MR));
         for (int64_t c = 0; c < panels; ++c) {

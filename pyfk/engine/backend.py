@@ -9,12 +9,21 @@ ever calls:
     pool   = b.prepare(parts, layout, normalize)     # once per pool; reusable across calls
     state  = b.topk(queries, pool, rows, k, state, offset, opts)   # merge one chunk into a TopK
     R      = b.similarity(queries, block, layout, opts)            # dense, both sides normalised
+    R      = b.pool_similarity(queries, pool, opts)                 # dense, against a whole raw pool
 
 `queries` are normalised float32 (M, D) rows in `layout` order on the pool's
 device; `rows` is a slice or a sorted int64 array of pool positions; the i-th of
 those rows gets index `offset + i` in the returned state (the caller maps it back
 to a pool index). The M x N matrix is never required: a backend holds at most
 one chunk's worth of scores.
+
+NaN/Inf in the pool: by default the engine scans the pool (`Descriptors.check_finite`)
+before a backend sees it. A backend with `checks_finite = True` tests the raw pool rows
+itself while it reads them in `topk` and `pool_similarity` (before normalising) and calls
+`raise_non_finite` after its pass, so a memory-mapped pool is read once per call; the
+engine then scans only float64 arrays (whose float32 range is known only from the values).
+Such a backend checks the rows it reads: excluded rows, and g under combine="features",
+are not looked at.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyfk.engine.descriptors import normalized_block
+from pyfk.engine.descriptors import non_finite_message, normalized_block
 from pyfk.engine.layout import Layout
 from pyfk.engine.topk_state import TopK
 
@@ -97,6 +106,18 @@ class PreparedPool:
         return self._diag
 
 
+def raise_non_finite(layout: Layout, first_rows, name: str = "pool") -> None:
+    """For a backend with `checks_finite`: `first_rows[s]` is the first pool row of layout
+    segment s in which it found NaN or Inf (-1: none). If any, raise the ValueError
+    `Descriptors.check_finite` would: the smallest such row, then the first array at that
+    row in Descriptors order (z[0], z[1], ..., g[0], ...)."""
+    hits = [(int(row), part == "g", j, part) for (part, j), row in zip(layout.segment_parts(), first_rows)
+            if row >= 0]
+    if hits:
+        row, _, j, part = min(hits)
+        raise ValueError(non_finite_message(name, part, j, row))
+
+
 class Backend(abc.ABC):
     """One search engine. Subclasses set the class attributes and implement the methods."""
 
@@ -104,6 +125,10 @@ class Backend(abc.ABC):
     devices: tuple[str, ...] = ()
     description: str = ""
     exact: bool = True  # False: an approximate top-k (recall@k < 1); never chosen by "auto"
+    # True: topk() and pool_similarity() test every raw pool row they read for NaN/Inf and
+    # raise (raise_non_finite) after their pass, returning nothing; the engine then skips its
+    # own pre-scan of the pool (float64 arrays excepted; see the module docstring).
+    checks_finite: bool = False
     options: Mapping[str, Any] = {}  # option names and defaults, reachable as pyfk.topk(..., options={...})
 
     @abc.abstractmethod
@@ -141,6 +166,12 @@ class Backend(abc.ABC):
                    options: Mapping[str, Any]) -> torch.Tensor:
         """Dense (M, N) float32 R of normalised queries and normalised pool rows (default: the reference)."""
         return layout.similarity(queries.float(), block.float())
+
+    def pool_similarity(self, queries: torch.Tensor, pool: PreparedPool, options: Mapping[str, Any]) -> torch.Tensor:
+        """Dense (M, N) float32 R of normalised queries and every row of a prepared pool
+        (default: `similarity` of its normalised block). A backend with `checks_finite` reads
+        the raw rows here and raises on NaN/Inf."""
+        return self.similarity(queries, pool.block(), pool.layout, options)
 
     def info(self) -> dict:
         reason = self.unavailable_reason()

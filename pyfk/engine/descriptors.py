@@ -146,19 +146,35 @@ class Descriptors:
         return Descriptors([pick(a) for a in self.z], None if self.g is None else [pick(a) for a in self.g],
                            same_widths=False)
 
-    def check_finite(self, name: str) -> None:
-        """Raise ValueError naming `name` and the scale if any value is NaN or Inf."""
-        for part, arrays in (("z", self.z), ("g", self.g or [])):
-            for j, a in enumerate(arrays):
-                if not _all_finite(a):
-                    raise ValueError(f"{name}: {part}[{j}] contains NaN or Inf values")
-                if a.dtype in (np.float64, torch.float64) and _max_abs(a) > F32_MAX:
-                    raise ValueError(f"{name}: {part}[{j}] holds values beyond the float32 range "
-                                     f"(|x| > {F32_MAX:.3g}) that the kernels compute in")
+    def check_finite(self, name: str, *, float64_only: bool = False) -> None:
+        """Raise ValueError naming `name`, the array and the first row if any value is NaN or
+        Inf, or if a float64 array holds values beyond the float32 range the kernels compute in.
 
+        "First": the smallest row holding NaN or Inf in any array, then the first array
+        (z[0], z[1], ..., g[0], g[1], ...) non-finite at that row -- the rule a backend that
+        checks the pool during its own pass follows too (`pyfk.engine.backend.raise_non_finite`).
+        float64_only: check only the float64 arrays, for such a backend (Backend.checks_finite):
+        it tests float16/bfloat16/float32 rows while reading them, but whether float64 values
+        fit float32 is decided here, before they are cast.
+        """
+        arrays = [(part, j, a) for part, group in (("z", self.z), ("g", self.g or []))
+                  for j, a in enumerate(group) if not float64_only or a.dtype in (np.float64, torch.float64)]
+        bad = []
+        for order, (part, j, a) in enumerate(arrays):
+            row = first_non_finite_row(a)
+            if row is not None:
+                bad.append((row, order, part, j))
+        if bad:
+            row, _, part, j = min(bad)
+            raise ValueError(non_finite_message(name, part, j, row))
+        for part, j, a in arrays:
+            if a.dtype in (np.float64, torch.float64) and _max_abs(a) > F32_MAX:
+                raise ValueError(f"{name}: {part}[{j}] holds values beyond the float32 range "
+                                 f"(|x| > {F32_MAX:.3g}) that the kernels compute in")
 
     def max_row_norms(self) -> dict:
-        """{("z"|"g", j): the largest L2 row norm of that array, float64}, read in row blocks."""
+        """{("z"|"g", j): the largest L2 row norm of that array, float64}, read in row blocks.
+        Rows holding NaN or Inf are left out (the finiteness check reports them)."""
         out = {}
         for part, arrays in (("z", self.z), ("g", self.g or [])):
             for j, a in enumerate(arrays):
@@ -168,10 +184,12 @@ class Descriptors:
                     block = a[i:i + step]
                     if isinstance(block, torch.Tensor):
                         sq = block.to(torch.float64).square().sum(1)
+                        sq = sq[torch.isfinite(sq)]
                         best = max(best, float(sq.max()) if sq.numel() else 0.0)
                     else:
                         b64 = np.asarray(block, dtype=np.float64)
                         sq = np.einsum("ij,ij->i", b64, b64)
+                        sq = sq[np.isfinite(sq)]
                         best = max(best, float(sq.max()) if sq.size else 0.0)
                 out[(part, j)] = float(np.sqrt(best))
         return out
@@ -186,25 +204,36 @@ def _max_abs(a) -> float:
     return float(np.abs(a).max()) if a.size else 0.0
 
 
-def _all_finite(a) -> bool:
-    """Exact finiteness test without an n x L boolean temporary.
+def non_finite_message(name: str, part: str, j: int, row: int) -> str:
+    """The one wording of a NaN/Inf error, from Descriptors.check_finite or a backend's own check."""
+    return f"{name}: {part}[{j}] contains NaN or Inf values (first at row {row})"
 
-    One vectorised float32 sum (float64 for float64 data): NaN or Inf anywhere makes
-    it non-finite; if it is not finite because finite values overflowed, the exact
-    test runs in row blocks.
+
+def first_non_finite_row(a) -> int | None:
+    """The first row of `a` holding NaN or Inf, or None; exact, without an n x L boolean temporary.
+
+    One vectorised float32 sum (float64 for float64 data): NaN or Inf anywhere makes it
+    non-finite; only then (or if finite values overflowed the sum) are rows tested in blocks.
     """
+    step = max(1, (1 << 22) // max(1, a.shape[1]))
     if isinstance(a, torch.Tensor):
         acc = torch.float64 if a.dtype == torch.float64 else torch.float32
         if bool(torch.isfinite(a.sum(dtype=acc))):
-            return True
-        step = max(1, (1 << 22) // max(1, a.shape[1]))
-        return all(bool(torch.isfinite(a[i:i + step]).all()) for i in range(0, a.shape[0], step))
+            return None
+        for i in range(0, a.shape[0], step):
+            ok = torch.isfinite(a[i:i + step]).all(dim=1)
+            if not bool(ok.all()):
+                return i + int(torch.argmin(ok.to(torch.uint8)))
+        return None
     acc = np.float64 if a.dtype == np.float64 else np.float32
     with np.errstate(over="ignore", invalid="ignore"):
         if np.isfinite(a.sum(dtype=acc)):
-            return True
-    step = max(1, (1 << 22) // max(1, a.shape[1]))
-    return all(bool(np.isfinite(a[i:i + step]).all()) for i in range(0, a.shape[0], step))
+            return None
+    for i in range(0, a.shape[0], step):
+        ok = np.isfinite(a[i:i + step]).all(axis=1)
+        if not ok.all():
+            return i + int(np.argmin(ok))
+    return None
 
 
 def as_descriptors(d, name: str) -> Descriptors:

@@ -65,6 +65,12 @@ class Layout:
     def scales(self) -> int:
         return len(self.widths) // 2 if self.paired else len(self.widths)
 
+    def segment_parts(self) -> list[tuple[str, int]]:
+        """("z" or "g", scale j) of every segment, in layout order: which Descriptors array it is."""
+        if self.paired:
+            return [(part, j) for j in range(self.scales) for part in ("z", "g")]
+        return [("z", j) for j in range(self.scales)]
+
     def columns(self) -> list[slice]:
         """One column slice per segment."""
         return [slice(o, o + w) for o, w in zip(self.offsets, self.widths)]

@@ -21,7 +21,16 @@ from tqdm.auto import tqdm
 
 from pyfk.engine import backend as _backend
 from pyfk.engine.backend import Backend, PreparedPool
-from pyfk.engine.descriptors import COMBINES, F32_MAX, NORMALIZES, Descriptors, as_descriptors, normalized_block
+from pyfk.engine.descriptors import (
+    COMBINES,
+    F32_MAX,
+    NORMALIZES,
+    Descriptors,
+    as_descriptors,
+    first_non_finite_row,
+    non_finite_message,
+    normalized_block,
+)
 from pyfk.engine.layout import Layout
 from pyfk.engine.registry import resolve
 from pyfk.engine.topk_state import TopK
@@ -95,6 +104,35 @@ def check_state_memory(m: int, k: int, name: str = "k") -> None:
     if need > total // 2:
         raise ValueError(f"{name}: expected a k whose ({m} x k) top-k state fits in memory, got k={k}: it needs "
                          f"~{need / 2**30:.1f} GiB, this machine has {total / 2**30:.1f} GiB")
+
+
+def check_pool_finite(pool: Descriptors, backend: Backend, combine: str, rows: np.ndarray | None,
+                      name: str = "pool") -> None:
+    """The pool's NaN/Inf check, the same for every backend. A backend that checks the rows it
+    reads during its own pass (`checks_finite`) never reads excluded rows, nor g under
+    combine="features": those are checked here (usually a small labeled set), the rest by
+    the kernel -- so a memory-mapped pool is read once per call."""
+    if not backend.checks_finite:
+        pool.check_finite(name)
+        return
+    pool.check_finite(name, float64_only=True)
+    unread = []  # (row, order, part, j) of the first NaN/Inf the kernel will not see
+    excluded = None if rows is None else np.setdiff1d(np.arange(pool.n, dtype=np.int64), rows, assume_unique=True)
+    arrays = [("z", j, a) for j, a in enumerate(pool.z)] + [("g", j, a) for j, a in enumerate(pool.g or [])]
+    for order, (part, j, a) in enumerate(arrays):
+        if part == "g" and combine == "features":
+            row = first_non_finite_row(a)
+        elif excluded is not None and len(excluded):
+            sub = a[torch.as_tensor(excluded, device=a.device)] if isinstance(a, torch.Tensor) else a[excluded]
+            r = first_non_finite_row(sub)
+            row = None if r is None else int(excluded[r])
+        else:
+            row = None
+        if row is not None:
+            unread.append((row, order, part, j))
+    if unread:
+        row, _, part, j = min(unread)
+        raise ValueError(non_finite_message(name, part, j, row))
 
 
 def _out(t: torch.Tensor, like: Descriptors):
@@ -179,7 +217,7 @@ def topk(queries: Descriptors, pool: Descriptors, k: int = 32, combine: str = "p
     k = check_int(k, "k", 1, available, f" (the {'available ' if rows is not None else ''}pool size)")
     check_state_memory(queries.n, k)
     queries.check_finite("queries")
-    pool.check_finite("pool")
+    check_pool_finite(pool, b, combine, rows)
     check_representable(queries, pool, combine, normalize)
     state = search(queries, pool, k, combine, normalize, b, rows, progress, opts)
     return _out(state.scores, queries), _out(state.index, queries)
@@ -195,16 +233,15 @@ def similarity(queries: Descriptors, pool: Descriptors, combine: str = "product"
     check_pair(queries, pool, combine)
     if queries.n * pool.n > (1 << 28):
         raise ValueError(f"queries/pool: a dense {queries.n} x {pool.n} matrix is too large; use pyfk.topk")
-    queries.check_finite("queries")
-    pool.check_finite("pool")
-    check_representable(queries, pool, combine, normalize)
     b = resolve(backend, pool.device)
     opts = b.resolve_options(options)
+    queries.check_finite("queries")
+    check_pool_finite(pool, b, combine, None)
+    check_representable(queries, pool, combine, normalize)
     q_parts, layout = Layout.of(queries, combine)
     p_parts, _ = Layout.of(pool, combine)
     q = normalized_block(q_parts, slice(None), normalize)
-    p = normalized_block(p_parts, slice(None), normalize)
-    return _out(b.similarity(q, p, layout, opts), queries)
+    return _out(b.pool_similarity(q, b.prepare(p_parts, layout, normalize), opts), queries)
 
 
 # ----------------------------------------------------------------------------- kernel distances
@@ -366,12 +403,12 @@ def select(pool: Descriptors, val: Descriptors, budget: int, val_labels=None, va
             warnings.warn("select: the model makes no error on the validation set; "
                           "querying with every validation example instead", stacklevel=2)
             queries = np.arange(val.n, dtype=np.int64)
-    val.check_finite("val")
-    pool.check_finite("pool")
-    check_representable(val, pool, combine, normalize, qname="val", pname="pool")
-
     b = resolve(backend, pool.device)
     opts = b.resolve_options(options)
+    val.check_finite("val")
+    check_pool_finite(pool, b, combine, None if available == pool.n else rows)
+    check_representable(val, pool, combine, normalize, qname="val", pname="pool")
+
     if budget < len(queries):
         val_queries = val.take(queries)
         # k-centre computes R(v, v') among the validation rows: they must fit float32 too

@@ -5,6 +5,10 @@ per-scale arrays, float32 or float16, with a row slice or a row list -- and the
 kernel gathers, converts and normalises rows while packing them, so the pool is
 never copied. Other dtypes (float64, bfloat16) or strided columns are converted
 one chunk at a time here.
+
+The kernel tests every raw pool row it reads for NaN/Inf while converting it (before
+normalising) and returns the first offending position per segment; the backend raises
+after the pass (`checks_finite`), so the pool is not scanned beforehand.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 import numpy as np
 import torch
 
-from pyfk.engine.backend import Backend, register
+from pyfk.engine.backend import Backend, raise_non_finite, register
 from pyfk.engine.topk_state import TopK
 
 try:  # import_module, not `from pyfk import`: a missing module then says "No module named ..."
@@ -87,14 +91,30 @@ def chunk_rows(m: int, width: int) -> int:
     return max(16384, _CALL_FLOPS // max(1, 2 * m * width))
 
 
+def _rows_of(positions, sel, n: int) -> list[int]:
+    """The kernel's per-segment first bad positions (-1: none) as pool rows of `sel`."""
+    rows = range(*sel.indices(n)) if isinstance(sel, slice) else sel
+    return [int(rows[p]) if p >= 0 else -1 for p in positions]
+
+
 def topk_update(q, parts, sel, normalize, widths, product, k, index_offset, scores, index, *,
                 threads=None, isa=None):
-    """Fused top-k over the pool rows `sel` of the raw `parts`; updates and returns the (M, k) state."""
+    """Fused top-k over the pool rows `sel` of the raw `parts`: (updated scores, index, first
+    non-finite pool row per segment or -1). Where a row is not -1 the state is not valid."""
     segs, rows = pool_segments(parts, sel)
     s, ix = _np(scores), _np(index)
-    _C.topk_update(_np(q), segs, rows, normalize, bool(product), int(index_offset), s, ix,
-                   _threads(threads), isa or default_isa())
-    return torch.from_numpy(s), torch.from_numpy(ix)
+    bad = _C.topk_update(_np(q), segs, rows, normalize, bool(product), int(index_offset), s, ix,
+                         _threads(threads), isa or default_isa())
+    return torch.from_numpy(s), torch.from_numpy(ix), _rows_of(bad, sel, int(parts[0].shape[0]))
+
+
+def raw_similarity(q, parts, normalize, product, *, threads=None, isa=None):
+    """Dense (M, N) scores of normalised q (M, D) against every raw pool row of `parts`,
+    normalised while packed: (scores, first non-finite pool row per segment or -1)."""
+    segs, _ = pool_segments(parts, slice(None))
+    out = np.empty((q.shape[0], segs[0].shape[0]), dtype=np.float32)
+    bad = _C.similarity(_np(q), segs, normalize, bool(product), out, _threads(threads), isa or default_isa())
+    return torch.from_numpy(out), [int(b) for b in bad]
 
 
 def similarity(q, p, widths, product, *, threads=None, isa=None):
@@ -103,6 +123,8 @@ def similarity(q, p, widths, product, *, threads=None, isa=None):
     cols = np.cumsum([0, *widths])
     segs = [p_np[:, a:b] for a, b in zip(cols[:-1], cols[1:])]
     out = np.empty((q.shape[0], p.shape[0]), dtype=np.float32)
+    # The kernel's NaN/Inf report is not needed here: p is a normalised copy of rows the
+    # caller checked (KernelDistances over checked descriptors).
     _C.similarity(_np(q), segs, "none", bool(product), out, _threads(threads), isa or default_isa())
     return torch.from_numpy(out)
 
@@ -115,6 +137,7 @@ class CpuBackend(Backend):
     description = "fused C++ kernel (AVX-512/AVX2/SSE2), running top-k, std::thread"
     options = {"threads": None, "isa": None}
     auto_priority = {"cpu": 0}
+    checks_finite = True  # the kernel tests raw pool rows while packing them
 
     def unavailable_reason(self):
         return IMPORT_ERROR
@@ -134,10 +157,17 @@ class CpuBackend(Backend):
         return chunk_rows(m, width)
 
     def topk(self, queries, pool, rows, k, state, offset, options):
-        s, i = topk_update(queries, pool.parts, rows, pool.normalize, pool.layout.widths, pool.layout.product,
-                           k, offset, state.scores.clone(), state.index.clone(),
-                           threads=options["threads"], isa=options["isa"])
+        s, i, bad = topk_update(queries, pool.parts, rows, pool.normalize, pool.layout.widths,
+                                pool.layout.product, k, offset, state.scores.clone(), state.index.clone(),
+                                threads=options["threads"], isa=options["isa"])
+        raise_non_finite(pool.layout, bad)  # before anything is returned
         return TopK(s, i)
+
+    def pool_similarity(self, queries, pool, options):
+        out, bad = raw_similarity(queries, pool.parts, pool.normalize, pool.layout.product,
+                                   threads=options["threads"], isa=options["isa"])
+        raise_non_finite(pool.layout, bad)
+        return out
 
     def similarity(self, queries, block, layout, options):
         return similarity(queries, block, layout.widths, layout.product, threads=options["threads"],

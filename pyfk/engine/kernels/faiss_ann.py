@@ -200,7 +200,9 @@ def _exact_fallback(q, parts, sel, normalize, widths, product, k):
     """Exact top-k (chunk-local positions) with the cpu kernel, or the torch one when it is not built."""
     empty = TopK.empty(q.shape[0], k)
     if _cpu_kernel.IMPORT_ERROR is None and q.device.type == "cpu":
-        return _cpu_kernel.topk_update(q, parts, sel, normalize, widths, product, k, 0, empty.scores, empty.index)
+        s, i, _ = _cpu_kernel.topk_update(q, parts, sel, normalize, widths, product, k, 0, empty.scores,
+                                          empty.index)  # NaN report unused: the engine checked the pool
+        return s, i
     p = normalized_block(parts, sel, normalize, device=q.device)
     return _torch_kernel.topk_update(q, p, widths, product, k, 0, empty.scores.to(q.device), empty.index.to(q.device))
 
