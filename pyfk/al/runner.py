@@ -65,6 +65,7 @@ from pyfk.al import models, strategies
 from pyfk.al.strategies import Needs, PoolInputs, Strategy, ValInputs
 from pyfk.engine.descriptors import Descriptors
 from pyfk.features.extract import PSEUDO_LABELS, extract
+from pyfk.fileio import fsync_dir
 
 DEFAULT_STRATEGIES = ["random", "entropy", "var_ratio", "coreset", "badge", "pfk"]
 DATASETS = ("mnist5k", "digits", "mnist", "cifar10", "svhn", "folder")  # see pyfk.al.data.load
@@ -438,19 +439,6 @@ def evaluate(model, x: torch.Tensor, y: np.ndarray, classes: int, minority) -> d
 
 # ----------------------------------------------------------------------------- state
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: str, write, pause: str | None = None) -> None:
     """write(file) into path + ".tmp", sync it, then rename it over `path`: readers (and a
     resumed run) see the old or the new content, never a part."""
@@ -462,7 +450,7 @@ def _atomic_write(path: str, write, pause: str | None = None) -> None:
     if pause is not None:
         _test_pause(pause)
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def _atomic_json(path: str, obj, pause: str | None = None) -> None:

@@ -29,6 +29,7 @@ are not looked at.
 from __future__ import annotations
 
 import abc
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +44,16 @@ from pyfk.engine.topk_state import TopK
 CACHE_BYTES = 1 << 30
 # Rows per normalised chunk when the pool is not kept: about this many bytes of float32.
 STREAM_BYTES = 256 << 20
+
+
+def load_extension(module: str, what: str):
+    """(module, None) if the compiled extension imports, else (None, why not) -- so `import pyfk`
+    survives a missing build and pyfk.backends() can say why. importlib, not `from pyfk import`:
+    a missing module then reads "No module named ...", not "partially initialized module"."""
+    try:
+        return importlib.import_module(module), None
+    except ImportError as exc:
+        return None, f"the {what} {module} is not built or failed to load ({exc})"
 
 
 class BackendUnavailable(RuntimeError):

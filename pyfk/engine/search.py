@@ -106,18 +106,17 @@ def check_state_memory(m: int, k: int, name: str = "k") -> None:
                          f"~{need / 2**30:.1f} GiB, this machine has {total / 2**30:.1f} GiB")
 
 
-def check_pool_finite(pool: Descriptors, backend: Backend, combine: str, rows: np.ndarray | None,
+def check_pool_finite(pool: Descriptors, backend: Backend, combine: str, excluded: np.ndarray | None,
                       name: str = "pool") -> None:
     """The pool's NaN/Inf check, the same for every backend. A backend that checks the rows it
     reads during its own pass (`checks_finite`) never reads excluded rows, nor g under
-    combine="features": those are checked here (usually a small labeled set), the rest by
-    the kernel -- so a memory-mapped pool is read once per call."""
+    combine="features": those (`excluded`: sorted pool rows, or None) are checked here -- usually
+    a small labeled set -- and the rest by the kernel, so a memory-mapped pool is read once per call."""
     if not backend.checks_finite:
         pool.check_finite(name)
         return
     pool.check_finite(name, float64_only=True)
     unread = []  # (row, order, part, j) of the first NaN/Inf the kernel will not see
-    excluded = None if rows is None else np.setdiff1d(np.arange(pool.n, dtype=np.int64), rows, assume_unique=True)
     arrays = [("z", j, a) for j, a in enumerate(pool.z)] + [("g", j, a) for j, a in enumerate(pool.g or [])]
     for order, (part, j, a) in enumerate(arrays):
         if part == "g" and combine == "features":
@@ -217,7 +216,7 @@ def topk(queries: Descriptors, pool: Descriptors, k: int = 32, combine: str = "p
     k = check_int(k, "k", 1, available, f" (the {'available ' if rows is not None else ''}pool size)")
     check_state_memory(queries.n, k)
     queries.check_finite("queries")
-    check_pool_finite(pool, b, combine, rows)
+    check_pool_finite(pool, b, combine, excluded if exclude is not None else None)
     check_representable(queries, pool, combine, normalize)
     state = search(queries, pool, k, combine, normalize, b, rows, progress, opts)
     return _out(state.scores, queries), _out(state.index, queries)
@@ -379,8 +378,10 @@ def select(pool: Descriptors, val: Descriptors, budget: int, val_labels=None, va
     check_choice(normalize, "normalize", NORMALIZES)
     check_pair(val, pool, combine, qname="val", pname="pool")
     rows = np.arange(pool.n, dtype=np.int64)
+    excluded = None
     if exclude is not None:
-        rows = np.setdiff1d(rows, check_index_set(exclude, "exclude", pool.n), assume_unique=True)
+        excluded = check_index_set(exclude, "exclude", pool.n)
+        rows = np.setdiff1d(rows, excluded, assume_unique=True)
     available = len(rows)
     if available == 0:
         raise ValueError("exclude: every pool row is excluded; nothing left to select")
@@ -406,7 +407,7 @@ def select(pool: Descriptors, val: Descriptors, budget: int, val_labels=None, va
     b = resolve(backend, pool.device)
     opts = b.resolve_options(options)
     val.check_finite("val")
-    check_pool_finite(pool, b, combine, None if available == pool.n else rows)
+    check_pool_finite(pool, b, combine, excluded)
     check_representable(val, pool, combine, normalize, qname="val", pname="pool")
 
     if budget < len(queries):

@@ -60,6 +60,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from pyfk.engine.descriptors import Descriptors
+from pyfk.fileio import fsync_dir
 
 try:
     import fcntl
@@ -164,19 +165,6 @@ def _check_meta(meta) -> dict:
         return json.loads(json.dumps(meta, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise TypeError(f"meta: must be JSON-serialisable ({exc})") from None
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _read_header(f):
@@ -968,7 +956,7 @@ class DescriptorStore:
                                          "and the committed rows are intact: free some space and rerun to "
                                          "resume") from exc
             raise
-        _fsync_dir(self._path)
+        fsync_dir(self._path)
         self._manifest = manifest  # only once the new manifest is in place
 
     def close(self) -> None:

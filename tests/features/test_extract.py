@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyfk
+from tests.features.helpers import FailingLoader
 from tests.models import LeNet, ResNet18, SharedReLU, mlp, randomize_bn
 
 CASES = {
@@ -224,20 +225,6 @@ def test_errors():
         pyfk.extract(shared, loader_of(torch.randn(6, 12), torch.zeros(6, dtype=torch.long)), ["act"])
     assert all(p.requires_grad for p in shared.parameters())  # restored after the error
     assert not shared._forward_hooks and not shared.act._forward_hooks
-
-
-class FailingLoader:
-    """A DataLoader stand-in whose iteration raises after `fail_after` batches."""
-
-    def __init__(self, loader, fail_after):
-        self.loader, self.fail_after = loader, fail_after
-        self.dataset, self.sampler = loader.dataset, loader.sampler
-
-    def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if i == self.fail_after:
-                raise RuntimeError("loader died")
-            yield batch
 
 
 @pytest.mark.parametrize("badge", [False, True])

@@ -6,26 +6,9 @@ import pytest
 
 import pyfk
 from pyfk.features.store import DescriptorStore
-
-WIDTHS = (16, 8)
-
-
-def _spec(widths=WIDTHS, dtype="float16"):
-    spec = {}
-    for j, L in enumerate(widths):
-        spec[f"z{j}"] = ((L,), dtype)
-        spec[f"g{j}"] = ((L,), dtype)
-    spec["labels"] = ((), "int64")
-    return spec
-
-
-def _batch(rng, rows, widths=WIDTHS, start=0):
-    b = {}
-    for j, L in enumerate(widths):
-        b[f"z{j}"] = rng.standard_normal((rows, L)).astype(np.float32)
-        b[f"g{j}"] = rng.standard_normal((rows, L)).astype(np.float32)
-    b["labels"] = np.arange(start, start + rows, dtype=np.int64)
-    return b
+from tests.features.helpers import WIDTHS
+from tests.features.helpers import store_batch as _batch
+from tests.features.helpers import store_spec as _spec
 
 
 def _concat(batches):

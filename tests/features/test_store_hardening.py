@@ -25,28 +25,13 @@ from torch.utils.data import DataLoader, TensorDataset
 import pyfk
 from pyfk.features import store as store_mod
 from pyfk.features.store import DescriptorStore
+from tests.features.helpers import FailingLoader
+from tests.features.helpers import store_batch as _batch
+from tests.features.helpers import store_spec as _spec
 
 ROOT = str(Path(pyfk.__file__).resolve().parents[1])  # the checkout under test (children import it too)
-WIDTHS = (16, 8)
+
 LOCK = ".pyfk.lock"
-
-
-def _spec(widths=WIDTHS, dtype="float16"):
-    spec = {}
-    for j, L in enumerate(widths):
-        spec[f"z{j}"] = ((L,), dtype)
-        spec[f"g{j}"] = ((L,), dtype)
-    spec["labels"] = ((), "int64")
-    return spec
-
-
-def _batch(rng, rows, widths=WIDTHS, start=0):
-    b = {}
-    for j, L in enumerate(widths):
-        b[f"z{j}"] = rng.standard_normal((rows, L)).astype(np.float32)
-        b[f"g{j}"] = rng.standard_normal((rows, L)).astype(np.float32)
-    b["labels"] = np.arange(start, start + rows, dtype=np.int64)
-    return b
 
 
 def _partial_store(path, rng, n=20, done=10):
@@ -90,18 +75,6 @@ def _mlp_case(n, seed=0):
 
 def _loader(x, y, batch_size=4):
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
-
-
-class _FailingLoader:
-    def __init__(self, loader, fail_after):
-        self.loader, self.fail_after = loader, fail_after
-        self.dataset, self.sampler = loader.dataset, loader.sampler
-
-    def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if i == self.fail_after:
-                raise RuntimeError("loader died")
-            yield batch
 
 
 @contextlib.contextmanager
@@ -267,7 +240,7 @@ def test_extract_resume_refuses_a_planted_symlink(tmp_path):
     model, x, y, layers = _mlp_case(12)
     path = tmp_path / "pool"
     with pytest.raises(RuntimeError, match="loader died"):
-        pyfk.extract(model, _FailingLoader(_loader(x, y), 1), layers, store=path)
+        pyfk.extract(model, FailingLoader(_loader(x, y), 1), layers, store=path)
     elsewhere = tmp_path / "elsewhere.npy"
     shutil.move(path / "g1.npy", elsewhere)
     os.symlink(elsewhere, path / "g1.npy")
@@ -401,7 +374,7 @@ def test_second_writer_in_another_process_is_refused_until_it_dies(tmp_path):
     model, x, y, layers = _mlp_case(12)
     path = tmp_path / "pool"
     with pytest.raises(RuntimeError, match="loader died"):
-        pyfk.extract(model, _FailingLoader(_loader(x, y), 1), layers, store=path)
+        pyfk.extract(model, FailingLoader(_loader(x, y), 1), layers, store=path)
     before = _snapshot(path)
     env = dict(os.environ, PYTHONPATH=ROOT)
     child = subprocess.Popen([sys.executable, "-c", _HOLDER_CHILD, str(path)], stdout=subprocess.PIPE,
@@ -467,7 +440,7 @@ def test_extract_names_an_array_dropped_from_the_manifest(tmp_path):
     model, x, y, layers = _mlp_case(12)
     path = tmp_path / "pool"
     with pytest.raises(RuntimeError, match="loader died"):
-        pyfk.extract(model, _FailingLoader(_loader(x, y), 1), layers, store=path)
+        pyfk.extract(model, FailingLoader(_loader(x, y), 1), layers, store=path)
     _edit_manifest(path, lambda m: m["arrays"].pop("probs"))
     with pytest.raises(ValueError, match=r"store: .*manifest\.json has no entry for \['probs'\]"):
         pyfk.extract(model, _loader(x, y), layers, store=path)

@@ -13,21 +13,15 @@ after the pass (`checks_finite`), so the pool is not scanned beforehand.
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import numpy as np
 import torch
 
-from pyfk.engine.backend import Backend, raise_non_finite, register
+from pyfk.engine.backend import Backend, load_extension, raise_non_finite, register
 from pyfk.engine.topk_state import TopK
 
-try:  # import_module, not `from pyfk import`: a missing module then says "No module named ..."
-    _C = importlib.import_module("pyfk._C")
-    IMPORT_ERROR = None
-except ImportError as exc:  # the package still imports; backends() says why
-    _C = None
-    IMPORT_ERROR = f"the C++ extension pyfk._C is not built or failed to load ({exc})"
+_C, IMPORT_ERROR = load_extension("pyfk._C", "C++ extension")
 
 ISA_ENV = "PYFK_CPU_ISA"  # process-wide default instruction set, read at every call
 

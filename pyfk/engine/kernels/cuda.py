@@ -20,22 +20,16 @@ Selection is exact in every mode: only the scores carry the GEMM's rounding.
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
 
 from pyfk.engine import topk_state
-from pyfk.engine.backend import Backend, register
+from pyfk.engine.backend import Backend, load_extension, register
 from pyfk.engine.layout import Layout
 from pyfk.engine.topk_state import TopK, pack_keys
 
-try:  # import_module, not `from pyfk import`: a missing module then says "No module named ..."
-    _C_cuda = importlib.import_module("pyfk._C_cuda")
-    IMPORT_ERROR = None
-except ImportError as exc:  # the package still imports; backends() says why
-    _C_cuda = None
-    IMPORT_ERROR = f"the CUDA extension pyfk._C_cuda is not built or failed to load ({exc})"
+_C_cuda, IMPORT_ERROR = load_extension("pyfk._C_cuda", "CUDA extension")
 
 MAX_K = 1024
 # The key spec (pyfk.engine.topk_state); csrc/cuda/kselect.cuh mirrors both (tests/engine/test_key_spec.py).
