@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from pyfk.engine.layout import COMBINES, Layout  # noqa: F401  (COMBINES re-exported)
+from pyfk.engine.layout import COMBINES  # noqa: F401  (re-exported)
 
 NORMALIZES = ("pcc", "l2", "none")
 EPS = 1e-10
@@ -247,12 +247,6 @@ def as_descriptors(d, name: str) -> Descriptors:
         if isinstance(out, Descriptors):
             return out
     raise TypeError(f"{name}: expected pyfk.Descriptors, a DescriptorStore or an Extraction, got {type(d).__name__}")
-
-
-def segments(desc: Descriptors, combine: str) -> tuple[list, list[int], bool]:
-    """(parts, widths, product) of `Layout.of(desc, combine)`, for callers that want plain values."""
-    parts, layout = Layout.of(desc, combine)
-    return parts, list(layout.widths), layout.product
 
 
 def _positive_strides(a: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from pyfk.engine.topk_state import TopK, pack_keys, unpack_keys
 
 _TILE_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 27}  # M x tile scores held at once
 
-__all__ = ["similarity", "topk_update", "merge_topk", "pack_keys", "unpack_keys", "TorchBackend"]
+__all__ = ["similarity", "topk_update", "pack_keys", "unpack_keys", "TorchBackend"]
 
 
 def similarity(q: torch.Tensor, p: torch.Tensor, widths, product: bool) -> torch.Tensor:
@@ -27,13 +27,6 @@ def similarity(q: torch.Tensor, p: torch.Tensor, widths, product: bool) -> torch
     if not product:
         return q @ p.T
     return Layout(tuple(widths), "product").similarity(q, p)
-
-
-def merge_topk(scores_a, index_a, scores_b, index_b, k: int):
-    """Exact, tie-stable top-k of the union of two (M, *) candidate sets."""
-    keys = torch.cat([pack_keys(scores_a, index_a), pack_keys(scores_b, index_b)], dim=1)
-    top = keys.topk(min(k, keys.shape[1]), dim=1, sorted=True).values
-    return unpack_keys(top)
 
 
 def _block_topk(block: torch.Tensor, first: int, kk: int):
