@@ -110,7 +110,8 @@ def test_every_problem_is_listed_at_once_one_line_each(tmp_path, rng, capsys):
     cfg = dict(GOOD)
     for key in keys:
         cfg.update(by_key[key][int(rng.integers(len(by_key[key])))])
-    if not {"model", "layers"} & set(keys):  # and one found on the model
+    # and one found on the model -- only checked once the data (dataset, root) can be loaded
+    if not {"model", "layers", "dataset", "root"} & set(keys):
         cfg["layers"] = ["conv1", "conv9"]
         keys = sorted(keys + ["layers"])
     out = tmp_path / "run"
