@@ -70,7 +70,11 @@ struct Tile {
   vf v[MR][NRV];
 };
 
-static inline vf vsplat(float x) { return vf{} + x; }
+// Broadcast x to every lane. Written `x - 0`, which is x for every float, so GCC emits one
+// `vbroadcastss mem, reg` (a load-port uop). The former `vf{} + x` is not x for x = -0.0
+// (0 + -0 = +0): GCC kept a scalar vaddss plus a register broadcast, two extra uops per
+// query row on the FP/shuffle ports the FMAs need -- the kernel ran at ~55% of the FMA peak.
+static inline vf vsplat(float x) { return x - vf{}; }
 
 // acc[r][c] = sum_k a[k*MR + r] * b[k*NR + c]  over k < width.
 static inline void tile_dot(const float* __restrict a, const float* __restrict b,
