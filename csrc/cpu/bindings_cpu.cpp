@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "kernel_api.hpp"
+#include "thread_pool.hpp"
 
 namespace py = pybind11;
 using pyfk::Kernels;
@@ -64,6 +65,13 @@ Layout make_layout(const std::vector<int64_t>& widths, bool product) {
     lay.width += w;
   }
   return lay;
+}
+
+pyfk::Split split_mode(const std::string& split) {
+  if (split == "auto") return pyfk::Split::automatic;
+  if (split == "pool") return pyfk::Split::pool;
+  if (split == "queries") return pyfk::Split::queries;
+  throw std::invalid_argument("split: expected 'auto', 'pool' or 'queries', got '" + split + "'");
 }
 
 int thread_count(int threads) {
@@ -154,7 +162,8 @@ py::list bad_positions(const std::vector<int64_t>& bad) {
 
 py::list topk_update(const farray& queries, const py::list& pool, const py::object& rows,
                  const std::string& normalize, bool product, int64_t index_offset, farray scores,
-                 iarray index, int threads, const std::string& isa) {
+                 iarray index, int threads, const std::string& isa, const std::string& split) {
+  const pyfk::Split how = split_mode(split);
   PoolArgs args = pool_args(pool, rows, normalize);
   const Layout lay = make_layout(args.widths, product);
   check_queries(queries, lay.width);
@@ -171,7 +180,7 @@ py::list topk_update(const farray& queries, const py::list& pool, const py::obje
   std::vector<int64_t> bad = bad_slots(args.view.segs.size());
   if (args.view.n > 0) {
     py::gil_scoped_release release;
-    kern.topk_update(q, m, args.view, lay, k, index_offset, s, ix, t, bad.data());
+    kern.topk_update(q, m, args.view, lay, k, index_offset, s, ix, t, how, bad.data());
   }
   return bad_positions(bad);
 }
@@ -206,18 +215,22 @@ py::list isas() {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "pyfk fused CPU kernels (C++17, std::thread, AVX-512/AVX2/SSE2 variants)";
+  m.doc() = "pyfk fused CPU kernels (C++17, persistent worker pool, AVX-512/AVX2/SSE2 variants)";
   m.def("topk_update", &topk_update, py::arg("queries"), py::arg("pool"), py::arg("rows"),
         py::arg("normalize"), py::arg("product"), py::arg("index_offset"), py::arg("scores").noconvert(),
         py::arg("index").noconvert(), py::arg("threads") = 0, py::arg("isa") = "auto",
+        py::arg("split") = "auto",
         "Merge the top-k of normalised queries (M, D) x pool segments into the sorted (M, k)\n"
         "state arrays in place; pool rows are gathered (rows), converted and normalised\n"
         "while packed. Result index = index_offset + pool position. Returns, per pool segment,\n"
-        "the first position whose raw row holds NaN or Inf, or -1 (the state is then not valid).");
+        "the first position whose raw row holds NaN or Inf, or -1 (the state is then not valid).\n"
+        "split: 'pool' (threads take pool ranges, heaps merged), 'queries' (threads take query\n"
+        "panels) or 'auto' (queries when the pool is small for the thread count).");
   m.def("similarity", &similarity, py::arg("queries"), py::arg("pool"), py::arg("normalize"),
         py::arg("product"), py::arg("out").noconvert(), py::arg("threads") = 0, py::arg("isa") = "auto",
         "Dense (M, N) similarity of normalised queries x pool segments (normalised while packed)\n"
         "into `out`. Returns per pool segment the first non-finite position, or -1, like topk_update.");
   m.def("isas", &isas, "Instruction sets this CPU can run, fastest first.");
+  m.def("pool_workers", &pyfk::pool_workers, "Worker threads the persistent pool has started.");
   m.def("isa_default", []() { return std::string(pick("auto").isa); });
 }

@@ -17,6 +17,11 @@ struct Layout {
 enum class DType : int { f32 = 0, f16 = 1 };
 enum class Normalize : int { none = 0, pcc = 1, l2 = 2 };
 
+// How topk_update shares work between threads: by pool range (per-thread heaps for every
+// query, merged at the end), by query panels (each thread packs the whole pool, keeps only
+// its own queries' heaps), or chosen by size (automatic).
+enum class Split : int { automatic = 0, pool = 1, queries = 2 };
+
 // One pool segment: row i, column c of the segment is data[(i * ld + c)] (in elements).
 struct Segment {
   const void* data = nullptr;
@@ -40,7 +45,7 @@ struct PoolView {
 // such rows are scored as zeros, so the caller must raise, not use the results.
 using TopkFn = void (*)(const float* q, int64_t m, const PoolView& pool, const Layout& lay,
                         int64_t k, int64_t index_offset, float* scores, int64_t* index,
-                        int threads, int64_t* bad);
+                        int threads, Split split, int64_t* bad);
 using SimilarityFn = void (*)(const float* q, int64_t m, const PoolView& pool,
                               const Layout& lay, float* out, int threads, int64_t* bad);
 

@@ -38,11 +38,11 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <thread>
 #include <utility>
 #include <vector>
 
 #include "kernel_api.hpp"
+#include "thread_pool.hpp"
 
 #ifdef PYFK_F16C
 #include <immintrin.h>  // before the target pragma, like every header
@@ -370,98 +370,154 @@ static int64_t pool_block_items(int64_t width) {
   return nb;
 }
 
-static std::vector<float> pack_queries(const float* q, int64_t m, const Layout& lay) {
+// Run body(task) for every task in [0, tasks) on the persistent pool (thread_pool.hpp).
+template <class F>
+static void run_tasks(int64_t tasks, int threads, F& body) {
+  parallel_for(tasks, threads, [](void* ctx, int64_t t) { (*static_cast<F*>(ctx))(t); }, &body);
+}
+
+// Run `body(t, begin, end)` over [0, n) split into at most `threads` contiguous ranges
+// whose bounds are multiples of `grain`; returns the number of ranges (tasks).
+template <class F>
+static int parallel_ranges(int64_t n, int64_t grain, int threads, F body) {
+  const int64_t chunks = (n + grain - 1) / grain;
+  const int t_used = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, chunks)));
+  auto task = [&](int64_t t) {
+    body(static_cast<int>(t), std::min<int64_t>(n, (chunks * t / t_used) * grain),
+         std::min<int64_t>(n, (chunks * (t + 1) / t_used) * grain));
+  };
+  run_tasks(t_used, threads, task);
+  return t_used;
+}
+
+// Queries packed into MR-row panels, the panels packed in parallel.
+static std::vector<float> pack_queries(const float* q, int64_t m, const Layout& lay, int threads) {
   const int64_t panels = (m + MR - 1) / MR;
   std::vector<float> packed(static_cast<size_t>(panels * MR * lay.width));
-  for (int64_t i = 0; i < panels; ++i)
-    pack_panel<MR>(q, lay.width, i * MR, std::min<int64_t>(MR, m - i * MR), lay,
-                   packed.data() + i * MR * lay.width);
+  parallel_ranges(panels, 16, threads, [&](int, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      pack_panel<MR>(q, lay.width, i * MR, std::min<int64_t>(MR, m - i * MR), lay,
+                     packed.data() + i * MR * lay.width);
+  });
   return packed;
 }
 
-// Run `body(t, begin, end)` over [0, n) split into `threads` contiguous ranges
-// whose bounds are multiples of `grain`. Threads other than the caller are
-// std::threads: no OpenMP runtime is loaded beside the one torch ships.
-template <class F>
-static void parallel_ranges(int64_t n, int64_t grain, int threads, F body) {
-  const int64_t chunks = (n + grain - 1) / grain;
-  int t_used = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, chunks)));
-  std::vector<int64_t> bounds(t_used + 1);
-  for (int t = 0; t <= t_used; ++t) bounds[t] = std::min<int64_t>(n, (chunks * t / t_used) * grain);
-  std::vector<std::thread> pool;
-  for (int t = 1; t < t_used; ++t) pool.emplace_back(body, t, bounds[t], bounds[t + 1]);
-  body(0, bounds[0], bounds[1]);
-  for (auto& th : pool) th.join();
+// Offer the scores of query panels [i0, i1) x pool positions [p0, p1) to `heaps`, whose
+// row r holds query q0 + r. The pool is packed one block of nb_items at a time.
+static void sweep_panels(const float* qpack, int64_t m, int64_t i0, int64_t i1, const PoolView& pool,
+                         const Layout& lay, int64_t p0, int64_t p1, TopK& heaps, int64_t q0,
+                         int64_t index_offset, int64_t* bad) {
+  const int64_t max_w = *std::max_element(lay.widths.begin(), lay.widths.end());
+  const int64_t nb_items = pool_block_items(lay.width);
+  std::vector<float> bpack(static_cast<size_t>(((nb_items + NR - 1) / NR) * NR * lay.width));
+  std::vector<float> tmp(static_cast<size_t>(max_w));
+  alignas(64) float row[NR];
+  for (int64_t b0 = p0; b0 < p1; b0 += nb_items) {
+    const int64_t items = std::min<int64_t>(nb_items, p1 - b0);
+    const int64_t panels = (items + NR - 1) / NR;
+    for (int64_t c = 0; c < panels; ++c)
+      pack_pool_panel(pool, b0 + c * NR, std::min<int64_t>(NR, items - c * NR), lay,
+                      bpack.data() + c * NR * lay.width, tmp, bad);
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* a = qpack + i * MR * lay.width;
+      const int rows = static_cast<int>(std::min<int64_t>(MR, m - i * MR));
+      for (int64_t c = 0; c < panels; ++c) {
+        Tile out;
+        tile_scores(a, bpack.data() + c * NR * lay.width, lay, out);
+        const int cols = static_cast<int>(std::min<int64_t>(NR, items - c * NR));
+        const int64_t first = index_offset + b0 + c * NR;
+        for (int r = 0; r < rows; ++r) {
+          const int64_t h = i * MR + r - q0;
+          const float thr = heaps.threshold(h);
+          // Cheap vector reject: most tiles hold nothing above the k-th best.
+          vf hi = out.v[r][0];
+#pragma GCC unroll 4
+          for (int v = 1; v < NRV; ++v) hi = hi > out.v[r][v] ? hi : out.v[r][v];
+          float best = hi[0];
+#pragma GCC unroll 16
+          for (int l = 1; l < VW; ++l) best = std::max(best, static_cast<float>(hi[l]));
+          if (best < thr) continue;
+#pragma GCC unroll 4
+          for (int v = 0; v < NRV; ++v) std::memcpy(row + v * VW, &out.v[r][v], sizeof(vf));
+          for (int col = 0; col < cols; ++col)
+            if (row[col] >= thr) heaps.push(h, row[col], first + col);
+        }
+      }
+    }
+  }
 }
 
-void topk_update(const float* q, int64_t m, const PoolView& pool, const Layout& lay,
-                 int64_t k, int64_t index_offset, float* scores, int64_t* index, int threads, int64_t* bad) {
+// Below this many pool positions per thread, Split::automatic splits the queries
+// instead: every thread then packs the whole (small) pool itself, but keeps the heaps
+// of its own queries only -- no per-thread heaps for every query, no merge.
+constexpr int64_t POOL_PER_THREAD = 8192;
+
+// Pool split: T threads each sweep a range of the pool for every query into heaps of
+// their own; each sorts its heaps, then the sorted lists are merged per query.
+template <class Sweep>
+static void topk_pool_split(int64_t m, int64_t n, int64_t grain, int threads, int64_t k, float* scores,
+                            int64_t* index, Sweep sweep) {
+  const int t_max = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, (n + grain - 1) / grain)));
+  std::vector<std::vector<float>> part_s(t_max);
+  std::vector<std::vector<int64_t>> part_i(t_max);
+  const int used = parallel_ranges(n, grain, t_max, [&](int t, int64_t p0, int64_t p1) {
+    TopK heaps;
+    heaps.init(m, k);
+    if (t == 0) heaps.seed(scores, index);
+    sweep(heaps, p0, p1);
+    std::vector<std::pair<float, int64_t>> buf;
+    if (t_max == 1) {  // one range: its heaps are the answer
+      for (int64_t q = 0; q < m; ++q) write_sorted(heaps, q, scores + q * k, index + q * k, buf);
+      return;
+    }
+    part_s[t].resize(static_cast<size_t>(m * k));
+    part_i[t].resize(static_cast<size_t>(m * k));
+    for (int64_t q = 0; q < m; ++q) write_sorted(heaps, q, part_s[t].data() + q * k, part_i[t].data() + q * k, buf);
+  });
+  if (t_max == 1) return;
+  part_s.resize(used);
+  part_i.resize(used);
+  parallel_ranges(m, 64, threads, [&](int, int64_t q0, int64_t q1) {
+    merge_sorted(part_s, part_i, q0, q1, k, scores, index);
+  });
+}
+
+void topk_update(const float* q, int64_t m, const PoolView& pool, const Layout& lay, int64_t k,
+                 int64_t index_offset, float* scores, int64_t* index, int threads, Split split,
+                 int64_t* bad) {
   const int64_t n = pool.n;
   if (m <= FEW) {
-    const int64_t grain = 1024;
-    const int64_t t_max = std::max<int64_t>(1, std::min<int64_t>(threads, (n + grain - 1) / grain));
-    std::vector<TopK> partial(t_max);
-    parallel_ranges(n, grain, static_cast<int>(t_max), [&](int t, int64_t p0, int64_t p1) {
-      TopK& heaps = partial[t];
-      heaps.init(m, k);
-      if (t == 0) heaps.seed(scores, index);
+    topk_pool_split(m, n, 1024, threads, k, scores, index, [&](TopK& heaps, int64_t p0, int64_t p1) {
       sweep_rows(q, m, pool, lay, p0, p1, bad, [&](int64_t pos, const float* row) {
         for (int64_t i = 0; i < m; ++i)
           if (row[i] >= heaps.threshold(i)) heaps.push(i, row[i], index_offset + pos);
       });
     });
-    merge_into(partial, m, k, scores, index);
     return;
   }
-  const int64_t max_w = *std::max_element(lay.widths.begin(), lay.widths.end());
-  const std::vector<float> qpack = pack_queries(q, m, lay);
+  const std::vector<float> qpack = pack_queries(q, m, lay, threads);
   const int64_t qpanels = (m + MR - 1) / MR;
   const int64_t nb_items = pool_block_items(lay.width);
+  const bool by_queries =
+      split == Split::queries ||
+      (split == Split::automatic && threads > 1 && n < threads * POOL_PER_THREAD && qpanels >= 2 * threads);
+  if (by_queries) {
+    parallel_ranges(qpanels, 1, threads, [&](int, int64_t i0, int64_t i1) {
+      const int64_t q0 = i0 * MR, q1 = std::min<int64_t>(m, i1 * MR);
+      TopK heaps;
+      heaps.init(q1 - q0, k);
+      heaps.seed(scores + q0 * k, index + q0 * k);
+      sweep_panels(qpack.data(), m, i0, i1, pool, lay, 0, n, heaps, q0, index_offset, bad);
+      std::vector<std::pair<float, int64_t>> buf;
+      for (int64_t r = 0; r < q1 - q0; ++r)
+        write_sorted(heaps, r, scores + (q0 + r) * k, index + (q0 + r) * k, buf);
+    });
+    return;
+  }
   const int64_t grain = std::max<int64_t>(NR, std::min<int64_t>(nb_items, 4 * NR));
-  const int64_t t_max = std::max<int64_t>(1, std::min<int64_t>(threads, (n + grain - 1) / grain));
-  std::vector<TopK> partial(t_max);
-  parallel_ranges(n, grain, static_cast<int>(t_max), [&](int t, int64_t p0, int64_t p1) {
-    TopK& heaps = partial[t];
-    heaps.init(m, k);
-    if (t == 0) heaps.seed(scores, index);
-    std::vector<float> bpack(static_cast<size_t>(((nb_items + NR - 1) / NR) * NR * lay.width));
-    std::vector<float> tmp(static_cast<size_t>(max_w));
-    alignas(64) float row[NR];
-    for (int64_t b0 = p0; b0 < p1; b0 += nb_items) {
-      const int64_t items = std::min<int64_t>(nb_items, p1 - b0);
-      const int64_t panels = (items + NR - 1) / NR;
-      for (int64_t c = 0; c < panels; ++c)
-        pack_pool_panel(pool, b0 + c * NR, std::min<int64_t>(NR, items - c * NR), lay,
-                        bpack.data() + c * NR * lay.width, tmp, bad);
-      for (int64_t i = 0; i < qpanels; ++i) {
-        const float* a = qpack.data() + i * MR * lay.width;
-        const int rows = static_cast<int>(std::min<int64_t>(MR, m - i * MR));
-        for (int64_t c = 0; c < panels; ++c) {
-          Tile out;
-          tile_scores(a, bpack.data() + c * NR * lay.width, lay, out);
-          const int cols = static_cast<int>(std::min<int64_t>(NR, items - c * NR));
-          const int64_t first = index_offset + b0 + c * NR;
-          for (int r = 0; r < rows; ++r) {
-            const int64_t qi = i * MR + r;
-            const float thr = heaps.threshold(qi);
-            // Cheap vector reject: most tiles hold nothing above the k-th best.
-            vf hi = out.v[r][0];
-#pragma GCC unroll 4
-            for (int v = 1; v < NRV; ++v) hi = hi > out.v[r][v] ? hi : out.v[r][v];
-            float best = hi[0];
-#pragma GCC unroll 16
-            for (int l = 1; l < VW; ++l) best = std::max(best, static_cast<float>(hi[l]));
-            if (best < thr) continue;
-#pragma GCC unroll 4
-            for (int v = 0; v < NRV; ++v) std::memcpy(row + v * VW, &out.v[r][v], sizeof(vf));
-            for (int col = 0; col < cols; ++col)
-              if (row[col] >= thr) heaps.push(qi, row[col], first + col);
-          }
-        }
-      }
-    }
+  topk_pool_split(m, n, grain, threads, k, scores, index, [&](TopK& heaps, int64_t p0, int64_t p1) {
+    sweep_panels(qpack.data(), m, 0, qpanels, pool, lay, p0, p1, heaps, 0, index_offset, bad);
   });
-  merge_into(partial, m, k, scores, index);
 }
 
 // The pool sweep below repeats topk_update's on purpose: factoring both into one
@@ -479,7 +535,7 @@ void similarity(const float* q, int64_t m, const PoolView& pool, const Layout& l
     return;
   }
   const int64_t max_w = *std::max_element(lay.widths.begin(), lay.widths.end());
-  const std::vector<float> qpack = pack_queries(q, m, lay);
+  const std::vector<float> qpack = pack_queries(q, m, lay, threads);
   const int64_t qpanels = (m + MR - 1) / MR;
   const int64_t nb_items = pool_block_items(lay.width);
   parallel_ranges(n, NR, threads, [&](int, int64_t p0, int64_t p1) {

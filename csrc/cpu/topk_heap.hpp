@@ -84,23 +84,47 @@ struct TopK {
   }
 };
 
-// Exact, tie-stable merge of per-thread heaps into sorted (m, k) outputs;
-// slots that stay empty get (-inf, -1).
-inline void merge_into(const std::vector<TopK>& parts, int64_t m, int64_t k, float* scores,
-                       int64_t* index) {
-  std::vector<std::pair<float, int64_t>> all;
-  for (int64_t q = 0; q < m; ++q) {
-    all.clear();
-    for (const TopK& t : parts)
-      for (int64_t j = 0; j < t.size[q]; ++j) all.emplace_back(t.s[q * k + j], t.id[q * k + j]);
-    const int64_t take = std::min<int64_t>(k, static_cast<int64_t>(all.size()));
-    std::partial_sort(all.begin(), all.begin() + take, all.end(),
-                      [](const auto& a, const auto& b) {
-                        return better(a.first, a.second, b.first, b.second);
-                      });
+// Query q's entries of `heaps`, best first, into out_s/out_i (k slots; slots left
+// empty get (-inf, -1)). `buf` is scratch space.
+inline void write_sorted(const TopK& heaps, int64_t q, float* out_s, int64_t* out_i,
+                         std::vector<std::pair<float, int64_t>>& buf) {
+  const int64_t k = heaps.k, n = heaps.size[q];
+  buf.clear();
+  for (int64_t j = 0; j < n; ++j) buf.emplace_back(heaps.s[q * k + j], heaps.id[q * k + j]);
+  std::sort(buf.begin(), buf.end(),
+            [](const auto& a, const auto& b) { return better(a.first, a.second, b.first, b.second); });
+  for (int64_t j = 0; j < k; ++j) {
+    out_s[j] = j < n ? buf[j].first : -std::numeric_limits<float>::infinity();
+    out_i[j] = j < n ? buf[j].second : -1;
+  }
+}
+
+// Exact, tie-stable merge of T sorted (m, k) lists (as write_sorted leaves them, empty
+// slots have index -1 and come last) into the sorted (m, k) outputs, rows [q0, q1).
+inline void merge_sorted(const std::vector<std::vector<float>>& part_s,
+                         const std::vector<std::vector<int64_t>>& part_i, int64_t q0, int64_t q1,
+                         int64_t k, float* scores, int64_t* index) {
+  const size_t parts = part_s.size();
+  std::vector<int64_t> head(parts);
+  for (int64_t q = q0; q < q1; ++q) {
+    std::fill(head.begin(), head.end(), 0);
     for (int64_t j = 0; j < k; ++j) {
-      scores[q * k + j] = j < take ? all[j].first : -std::numeric_limits<float>::infinity();
-      index[q * k + j] = j < take ? all[j].second : -1;
+      int best = -1;
+      for (size_t t = 0; t < parts; ++t) {
+        const int64_t h = head[t];
+        if (h >= k || part_i[t][q * k + h] < 0) continue;
+        if (best < 0 || better(part_s[t][q * k + h], part_i[t][q * k + h], part_s[best][q * k + head[best]],
+                               part_i[best][q * k + head[best]]))
+          best = static_cast<int>(t);
+      }
+      if (best < 0) {
+        scores[q * k + j] = -std::numeric_limits<float>::infinity();
+        index[q * k + j] = -1;
+      } else {
+        scores[q * k + j] = part_s[best][q * k + head[best]];
+        index[q * k + j] = part_i[best][q * k + head[best]];
+        ++head[best];
+      }
     }
   }
 }

@@ -212,7 +212,7 @@ def test_backend_options_are_checked(data):
     with pytest.raises(ValueError, match=r"options: backend 'torch' accepts no options, got unknown \['threads'\]"):
         pyfk.topk(q, p, k=2, backend="torch", options={"threads": 2})
     with pytest.raises(ValueError,
-                       match=r"options: backend 'cpu' accepts \['isa', 'threads'\], got unknown \['isas'\]"):
+                       match=r"options: backend 'cpu' accepts \['isa', 'split', 'threads'\], got unknown \['isas'\]"):
         pyfk.topk(q, p, k=2, backend="cpu", options={"isas": "avx2"})
     with pytest.raises(TypeError, match="options: expected a dict of backend options, got list"):
         pyfk.topk(q, p, k=2, backend="cpu", options=["threads"])

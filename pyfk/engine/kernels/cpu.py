@@ -92,13 +92,13 @@ def _rows_of(positions, sel, n: int) -> list[int]:
 
 
 def topk_update(q, parts, sel, normalize, widths, product, k, index_offset, scores, index, *,
-                threads=None, isa=None):
+                threads=None, isa=None, split=None):
     """Fused top-k over the pool rows `sel` of the raw `parts`: (updated scores, index, first
     non-finite pool row per segment or -1). Where a row is not -1 the state is not valid."""
     segs, rows = pool_segments(parts, sel)
     s, ix = _np(scores), _np(index)
     bad = _C.topk_update(_np(q), segs, rows, normalize, bool(product), int(index_offset), s, ix,
-                         _threads(threads), isa or default_isa())
+                         _threads(threads), isa or default_isa(), split or "auto")
     return torch.from_numpy(s), torch.from_numpy(ix), _rows_of(bad, sel, int(parts[0].shape[0]))
 
 
@@ -123,13 +123,21 @@ def similarity(q, p, widths, product, *, threads=None, isa=None):
     return torch.from_numpy(out)
 
 
+SPLITS = ("auto", "pool", "queries")
+
+
 class CpuBackend(Backend):
-    """Options: threads (None: torch.get_num_threads()), isa (None: $PYFK_CPU_ISA or "auto")."""
+    """Options: threads (None: torch.get_num_threads()), isa (None: $PYFK_CPU_ISA or "auto"),
+    split (None/"auto": by size; "pool": threads take pool ranges and merge their heaps;
+    "queries": threads take query panels, each packing the whole pool -- better for small pools).
+
+    Threads come from a persistent pool inside pyfk._C (started on first use, grown to the
+    largest count asked for), so small calls do not pay for thread creation."""
 
     name = "cpu"
     devices = ("cpu",)
-    description = "fused C++ kernel (AVX-512/AVX2/SSE2), running top-k, std::thread"
-    options = {"threads": None, "isa": None}
+    description = "fused C++ kernel (AVX-512/AVX2/SSE2), running top-k, persistent thread pool"
+    options = {"threads": None, "isa": None, "split": None}
     auto_priority = {"cpu": 0}
     checks_finite = True  # the kernel tests raw pool rows while packing them
 
@@ -138,13 +146,16 @@ class CpuBackend(Backend):
 
     def resolve_options(self, options):
         opts = super().resolve_options(options)
-        threads, isa_name = opts["threads"], opts["isa"]
+        threads, isa_name, split = opts["threads"], opts["isa"], opts["split"]
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                     or threads < 1):
             raise ValueError(f"options: 'threads' expected None or a positive integer, got {threads!r}")
         if isa_name is not None and not isinstance(isa_name, str):
             raise ValueError(f"options: 'isa' expected None or one of 'auto', 'avx512', 'avx2', 'generic', "
                              f"got {isa_name!r}")
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"options: 'split' expected None or one of {', '.join(map(repr, SPLITS))}, "
+                             f"got {split!r}")
         return opts
 
     def chunk_rows(self, m, width, options):
@@ -153,7 +164,7 @@ class CpuBackend(Backend):
     def topk(self, queries, pool, rows, k, state, offset, options):
         s, i, bad = topk_update(queries, pool.parts, rows, pool.normalize, pool.layout.widths,
                                 pool.layout.product, k, offset, state.scores.clone(), state.index.clone(),
-                                threads=options["threads"], isa=options["isa"])
+                                threads=options["threads"], isa=options["isa"], split=options["split"])
         raise_non_finite(pool.layout, bad)  # before anything is returned
         return TopK(s, i)
 
