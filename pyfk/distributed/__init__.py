@@ -1,0 +1,1 @@
+"""pyfk on torch.distributed: sharded top-k, selection and acquisition (DESIGN.md section 9)."""
