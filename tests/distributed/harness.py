@@ -1,0 +1,72 @@
+"""Run a function on W local gloo ranks (loopback only) and collect each rank's result.
+
+    results = run_ranks(fn, world=3, args=(...))   # fn(rank, world, *args) -> picklable
+
+`fn` must be importable (a module-level function of a test module). Each rank runs in a
+fresh spawned process with a default process group (gloo, 127.0.0.1, a free port, a short
+collective timeout) and 1 torch thread. Returns the list of results in rank order; raises
+AssertionError with every failing rank's traceback, or after `timeout` seconds (the
+processes are killed: no test hangs CI).
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import socket
+import traceback
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(fn, rank, world, port, args, queue):
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+        try:
+            result = fn(rank, world, *args)
+        finally:
+            dist.destroy_process_group()
+        queue.put((rank, True, result))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        queue.put((rank, False, traceback.format_exc()))
+
+
+def run_ranks(fn, world: int, args: tuple = (), timeout: float = 180.0) -> list:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world, port, args, queue), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, object] = {}
+    failures: dict[int, str] = {}
+    try:
+        for _ in range(world):
+            try:
+                rank, ok, value = queue.get(timeout=timeout)
+            except Exception:  # queue.Empty
+                raise AssertionError(f"ranks {sorted(set(range(world)) - set(results) - set(failures))} "
+                                     f"gave no result within {timeout} s") from None
+            (results if ok else failures)[rank] = value
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+    if failures:
+        raise AssertionError("\n".join(f"--- rank {r} failed:\n{tb}" for r, tb in sorted(failures.items())))
+    return [results[r] for r in range(world)]
