@@ -7,7 +7,7 @@
     sel = pyfk.acquire("badge", pyfk.PoolInputs(badge=...), budget=125, labeled=labeled)  # any strategy
 """
 
-from pyfk import testing
+from pyfk import distributed, testing
 from pyfk._version import __version__
 from pyfk.al.strategies import STRATEGIES, PoolInputs, Selection, ValInputs
 from pyfk.api import acquire, backends, select, similarity, topk
@@ -17,6 +17,6 @@ from pyfk.features.extract import extract
 from pyfk.features.extraction import Extraction
 from pyfk.features.store import DescriptorStore, StoreLockedError
 
-__all__ = ["Descriptors", "Extraction", "extract", "topk", "similarity", "select", "backends",
+__all__ = ["distributed", "Descriptors", "Extraction", "extract", "topk", "similarity", "select", "backends",
            "BackendUnavailable", "DescriptorStore", "StoreLockedError", "acquire", "STRATEGIES", "PoolInputs",
            "ValInputs", "Selection", "testing", "__version__"]

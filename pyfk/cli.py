@@ -6,6 +6,7 @@
     pyfk extract --model CKPT [--arch lenet|resnet18|pkg.module:callable] [--trust-checkpoint]
                  --data DIR|FILE.pt|FILE.npz --out STORE [--layers conv1,conv2,fc1] [--pseudo-label argmax|true|mc] ...
     pyfk bench-extract [--model resnet18|lenet] [--batch-size 128] [--n 512] [--repeats 3] [--json out.json]
+    pyfk select --pool STORE [--val STORE] --budget B [--strategy pfk] [--exclude labeled.txt] --out picks.csv
     pyfk run CONFIG.json [--out DIR]       an AL experiment (resumable)
     pyfk demo [--out DIR] [--quick]        the embedded 100x-imbalanced MNIST comparison
 
@@ -126,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_extract(sub)
     _add_bench_extract(sub)
     _add_run(sub)
+    from pyfk import cli_select
+
+    cli_select.add_parser(sub, _positive)
     return parser
 
 

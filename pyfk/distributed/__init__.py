@@ -1,1 +1,5 @@
 """pyfk on torch.distributed: sharded top-k, selection and acquisition (DESIGN.md section 9)."""
+
+from pyfk.distributed.search import select, topk
+
+__all__ = ["select", "topk"]

@@ -1,7 +1,6 @@
 """The test harness itself: results come back in rank order, a failing rank is reported."""
 
 import pytest
-
 from harness import run_ranks
 
 
