@@ -197,6 +197,23 @@ def select(strategy: str, pool: PoolInputs, budget: int, *, labeled=None, seed: 
     unlabeled pool, a labeled set with duplicates or out-of-range indices, and NaN/Inf
     or unnormalised probabilities.
     """
+    spec, merged, seed, n = check_call(strategy, pool, val, seed, params)
+    labeled_arr, budget, available = check_budget(labeled, budget, n)
+    rows = np.setdiff1d(np.arange(n, dtype=np.int64), labeled_arr, assume_unique=True)
+    req = Request(n=n, budget=budget, labeled=labeled_arr, rows=rows, seed=seed, val=val, backend=backend)
+
+    start = time.perf_counter()
+    indices, scores, extras = spec.fn(pool, req, **merged)
+    seconds = time.perf_counter() - start
+    return make_selection(strategy, indices, scores, extras, budget=budget, n=n, labeled=labeled_arr, seed=seed,
+                          params=merged, seconds=seconds, available=available)
+
+
+def check_call(strategy: str, pool: PoolInputs, val: ValInputs | None, seed, params: dict, *,
+               allow_empty: bool = False) -> tuple[Strategy, dict, int, int]:
+    """The checks of `select` up to the pool size: the strategy, the input types, the params,
+    the seed, the pool fields it needs (their size N) and the ValInputs. Returns (spec, params
+    with defaults, seed, N). allow_empty: accept N == 0 (one shard of a sharded pool)."""
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {sorted(STRATEGIES)}, got {strategy!r}")
     spec = STRATEGIES[strategy]
@@ -210,34 +227,40 @@ def select(strategy: str, pool: PoolInputs, budget: int, *, labeled=None, seed: 
     merged = {**spec.params, **params}
     seed = check_int(seed, "seed", 0, 2**63 - 1)
 
-    n = _pool_size(pool, spec.needs, strategy)
+    n = _pool_size(pool, spec.needs, strategy, allow_empty=allow_empty)
     if spec.needs.val and (val is None or val.descriptors is None):
         raise ValueError(f"val.descriptors: strategy {strategy!r} needs validation descriptors (ValInputs), "
                          f"but {'val' if val is None else 'val.descriptors'} is None")
+    return spec, merged, seed, n
+
+
+def check_budget(labeled, budget, n: int) -> tuple[np.ndarray, int, int]:
+    """The labeled set (sorted distinct indices in [0, n)) and the budget (an integer in
+    [1, unlabeled rows]), as `select` checks them. Returns (labeled, budget, unlabeled count)."""
     labeled_arr = (np.zeros(0, dtype=np.int64) if labeled is None
                    else check_index_set(labeled, "labeled", n))
-    rows = np.setdiff1d(np.arange(n, dtype=np.int64), labeled_arr, assume_unique=True)
-    available = int(len(rows))
+    available = n - int(len(labeled_arr))
     if available == 0:
         raise ValueError(f"labeled: every one of the {n} pool rows is labeled; nothing left to select")
     budget = check_int(budget, "budget", 1, available, f" (the {available} unlabeled pool rows)")
-    req = Request(n=n, budget=budget, labeled=labeled_arr, rows=rows, seed=seed, val=val, backend=backend)
+    return labeled_arr, budget, available
 
-    start = time.perf_counter()
-    indices, scores, extras = spec.fn(pool, req, **merged)
-    seconds = time.perf_counter() - start
 
+def make_selection(strategy: str, indices, scores, extras, *, budget: int, n: int, labeled: np.ndarray, seed: int,
+                   params: dict, seconds: float, available: int) -> Selection:
+    """A strategy's (indices, scores, extras) checked (see `select`) as a Selection with its provenance."""
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    _check_result(strategy, indices, scores, budget, n, labeled_arr)
-    provenance = {"strategy": strategy, "budget": budget, "seed": seed, "params": _jsonable(merged),
-                  "seconds": seconds, "available": available, "n": n, "labeled": int(len(labeled_arr))}
+    _check_result(strategy, indices, scores, budget, n, labeled)
+    provenance = {"strategy": strategy, "budget": budget, "seed": seed, "params": _jsonable(params),
+                  "seconds": seconds, "available": available, "n": n, "labeled": int(len(labeled))}
     provenance.update(_jsonable(extras or {}))
     return Selection(strategy=strategy, indices=indices, scores=scores, provenance=provenance)
 
 
-def _pool_size(pool: PoolInputs, needs: Needs, strategy: str) -> int:
-    """N from the given fields (every field the strategy needs must be given); all must agree."""
+def _pool_size(pool: PoolInputs, needs: Needs, strategy: str, *, allow_empty: bool = False) -> int:
+    """N from the given fields (every field the strategy needs must be given); all must agree.
+    allow_empty: N == 0 is returned, not refused (one shard of a sharded pool)."""
     sizes = {}
     for name in POOL_FIELDS:
         value = getattr(pool, name)
@@ -255,7 +278,7 @@ def _pool_size(pool: PoolInputs, needs: Needs, strategy: str) -> int:
         raise ValueError(f"pool: fields disagree on the pool size: {sizes}")
     first = needs.pool[0] if needs.pool else next(iter(sizes))
     n = sizes[first]
-    if n == 0:
+    if n == 0 and not allow_empty:
         raise ValueError(f"pool.{first}: expected a non-empty pool, got 0 rows")
     return n
 

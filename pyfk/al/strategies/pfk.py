@@ -40,10 +40,18 @@ def _pfk_family(pool, req, combine, k, normalize, use_all):
                          use_all=use_all, return_details=True)
     idx = np.asarray(details["indices"], dtype=np.int64)
     centre = np.asarray(details["centre"], dtype=np.int64)
-    score = np.asarray(details["score"], dtype=np.float64)
     terms = _scale_terms(as_descriptors(pool.descriptors, "pool.descriptors"),
                          as_descriptors(val.descriptors, "val.descriptors"),
                          idx, centre, combine, normalize)
+    return pfk_result(details, combine, terms)
+
+
+def pfk_result(details: dict, combine: str, terms: np.ndarray) -> tuple:
+    """(indices, scores, extras) of a PFK-family strategy from `select(..., return_details=True)`
+    and the (budget, S) per-scale terms of R(centre, pick) (`_scale_terms`)."""
+    idx = np.asarray(details["indices"], dtype=np.int64)
+    centre = np.asarray(details["centre"], dtype=np.int64)
+    score = np.asarray(details["score"], dtype=np.float64)
     total = terms.sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
         share = terms / total[:, None]

@@ -51,10 +51,11 @@ def _as_numpy(a, name: str) -> np.ndarray:
     return a
 
 
-def _prob_chunks(a, name: str, mc: bool):
+def _prob_chunks(a, name: str, mc: bool, offset: int = 0):
     """Yield (start, stop, float64 chunk) over the pool rows, validating each chunk:
     finite, non-negative (to -1e-6), every distribution summing to 1 within 1e-3.
-    probs chunks are (rows, C); mc_probs chunks are (K, rows, C)."""
+    probs chunks are (rows, C); mc_probs chunks are (K, rows, C). Errors name row
+    `offset` + local row (the global row of a shard starting at `offset`)."""
     a = _as_numpy(a, name)
     if a.shape[-1] < 1 or (mc and a.shape[0] < 1):
         raise ValueError(f"{name}: expected at least one class{' and one pass' if mc else ''}, got shape {a.shape}")
@@ -64,17 +65,18 @@ def _prob_chunks(a, name: str, mc: bool):
     for start in range(0, n, step):
         stop = min(n, start + step)
         x = np.asarray(a[:, start:stop] if mc else a[start:stop], dtype=np.float64)
+        first = offset + start
         if not np.isfinite(x).all():
             bad = np.argwhere(~np.isfinite(x))[0].tolist()
-            raise ValueError(f"{name}: contains NaN or Inf (first at {_where(bad, start, mc)})")
+            raise ValueError(f"{name}: contains NaN or Inf (first at {_where(bad, first, mc)})")
         if (x < -_NEG_TOL).any():
             bad = np.argwhere(x < -_NEG_TOL)[0].tolist()
-            raise ValueError(f"{name}: probabilities must be non-negative (first negative at {_where(bad, start, mc)})")
+            raise ValueError(f"{name}: probabilities must be non-negative (first negative at {_where(bad, first, mc)})")
         dev = np.abs(x.sum(-1) - 1.0)
         if (dev > _SUM_TOL).any():
             bad = np.argwhere(dev > _SUM_TOL)[0].tolist()
             raise ValueError(f"{name}: probabilities must sum to 1 over classes (tolerance {_SUM_TOL}); "
-                             f"distribution {_where(bad, start, mc)} sums to "
+                             f"distribution {_where(bad, first, mc)} sums to "
                              f"{x.sum(-1)[tuple(bad)]:.6g}")
         np.maximum(x, 0.0, out=x)
         yield start, stop, x
@@ -86,13 +88,20 @@ def _where(bad, start, mc):
     return tuple(bad)
 
 
+def row_scores(pool: PoolInputs, name: str, score_fn, offset: int = 0) -> np.ndarray:
+    """(n,) float64: score_fn over the validated chunks of pool.`name` ("probs" or "mc_probs").
+    offset: the global row of the first row, for error messages (a shard of a sharded pool)."""
+    mc = name == "mc_probs"
+    values = getattr(pool, name)
+    scores = np.empty(int(values.shape[1] if mc else values.shape[0]), dtype=np.float64)
+    for start, stop, x in _prob_chunks(values, f"pool.{name}", mc, offset):
+        scores[start:stop] = score_fn(x)
+    return scores
+
+
 def _prob_scores(pool: PoolInputs, req: Request, name: str, score_fn) -> tuple:
     """score_fn over the chunks of pool.`name` ("probs" or "mc_probs"), then the top `budget`."""
-    mc = name == "mc_probs"
-    scores = np.empty(req.n, dtype=np.float64)
-    for start, stop, x in _prob_chunks(getattr(pool, name), f"pool.{name}", mc):
-        scores[start:stop] = score_fn(x)
-    idx, s = top_budget(scores, req.rows, req.budget)
+    idx, s = top_budget(row_scores(pool, name, score_fn), req.rows, req.budget)
     return idx, s, {}
 
 
@@ -146,46 +155,30 @@ def _random(pool, req):
     return idx, np.zeros(req.budget), {}
 
 
-@register("entropy", needs="probs")
-def _entropy_strategy(pool, req):
-    return _prob_scores(pool, req, "probs", _entropy)
+# The strategies that rank rows by a per-row score: name -> (the field read, its score).
+# Each is registered below; pyfk.distributed.acquire scores every shard with the same function.
+ROW_SCORES = {
+    "entropy": ("probs", _entropy),
+    "margin": ("probs", _margin),
+    "least_confidence": ("probs", _least_confidence),
+    "var_ratio": ("mc_probs", _var_ratio),
+    "bald": ("mc_probs", _bald),
+    "std": ("mc_probs", _std),
+    "ensemble_entropy": ("mc_probs", _mean_entropy),
+    "ensemble_var_ratio": ("mc_probs", _var_ratio),
+    "ensemble_bald": ("mc_probs", _bald),
+}
 
 
-@register("margin", needs="probs")
-def _margin_strategy(pool, req):
-    return _prob_scores(pool, req, "probs", _margin)
+def _register_scored(name: str, field: str, score_fn) -> None:
+    passes = None if field == "probs" else "ensemble" if name.startswith("ensemble_") else "mc_dropout"
+
+    def strategy(pool, req):
+        return _prob_scores(pool, req, field, score_fn)
+
+    strategy.__name__ = strategy.__qualname__ = f"_{name}_strategy"
+    register(name, needs=field, passes=passes)(strategy)
 
 
-@register("least_confidence", needs="probs")
-def _least_confidence_strategy(pool, req):
-    return _prob_scores(pool, req, "probs", _least_confidence)
-
-
-@register("var_ratio", needs="mc_probs", passes="mc_dropout")
-def _mc_var_ratio(pool, req):
-    return _prob_scores(pool, req, "mc_probs", _var_ratio)
-
-
-@register("bald", needs="mc_probs", passes="mc_dropout")
-def _mc_bald(pool, req):
-    return _prob_scores(pool, req, "mc_probs", _bald)
-
-
-@register("std", needs="mc_probs", passes="mc_dropout")
-def _mc_std(pool, req):
-    return _prob_scores(pool, req, "mc_probs", _std)
-
-
-@register("ensemble_entropy", needs="mc_probs", passes="ensemble")
-def _ens_entropy(pool, req):
-    return _prob_scores(pool, req, "mc_probs", _mean_entropy)
-
-
-@register("ensemble_var_ratio", needs="mc_probs", passes="ensemble")
-def _ens_var_ratio(pool, req):
-    return _prob_scores(pool, req, "mc_probs", _var_ratio)
-
-
-@register("ensemble_bald", needs="mc_probs", passes="ensemble")
-def _ens_bald(pool, req):
-    return _prob_scores(pool, req, "mc_probs", _bald)
+for _name, (_field, _fn) in ROW_SCORES.items():
+    _register_scored(_name, _field, _fn)
