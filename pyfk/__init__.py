@@ -15,8 +15,9 @@ from pyfk.engine.backend import BackendUnavailable
 from pyfk.engine.descriptors import Descriptors
 from pyfk.features.extract import extract
 from pyfk.features.extraction import Extraction
+from pyfk.features.sharded import ShardedStore
 from pyfk.features.store import DescriptorStore, StoreLockedError
 
 __all__ = ["distributed", "Descriptors", "Extraction", "extract", "topk", "similarity", "select", "backends",
-           "BackendUnavailable", "DescriptorStore", "StoreLockedError", "acquire", "STRATEGIES", "PoolInputs",
-           "ValInputs", "Selection", "testing", "__version__"]
+           "BackendUnavailable", "DescriptorStore", "ShardedStore", "StoreLockedError", "acquire", "STRATEGIES",
+           "PoolInputs", "ValInputs", "Selection", "testing", "__version__"]

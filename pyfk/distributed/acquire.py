@@ -387,30 +387,10 @@ class _ShardDistances:
             return np.zeros(0)
         q_all = packed[:, :self.width].to(torch.float32).to(kd.pool.device)
         qdiag_all = packed[:, self.width].numpy()
-        n = kd.n
-        out = np.full(n, np.inf)
+        out = np.full(kd.n, np.inf)
         per_block = max(1, engine_search.SIM_BLOCK // self.sh.n)  # one process's centre blocks (the whole N)
         for c0 in range(0, len(q_all), per_block):
-            q = q_all[c0:c0 + per_block]
-            qdiag_np = qdiag_all[c0:c0 + per_block][:, None]
-            step = max(1, min(kd.pool.stream_rows, engine_search.SIM_BLOCK // len(q)))
-            for start in range(0, n, step):
-                stop = min(n, start + step)
-                s = kd.backend.similarity(q, kd.pool.block(slice(start, stop)), kd.layout, kd.options)
-                if s.device.type == "cpu":
-                    s_np = s.numpy()
-                    sub = max(1, engine_search.SIM_SUB // s_np.shape[1])
-                    m = np.full(s_np.shape[1], np.inf)
-                    for r in range(0, s_np.shape[0], sub):
-                        part = s_np[r:r + sub].astype(np.float64)
-                        part *= -2.0
-                        part += qdiag_np[r:r + sub]
-                        np.minimum(m, part.min(0), out=m)
-                else:
-                    t = s.to(torch.float64).mul_(-2.0).add_(torch.as_tensor(qdiag_np, device=s.device))
-                    m = t.min(0).values.cpu().numpy()
-                m += kd.diag[start:stop]
-                np.minimum(out[start:stop], m, out=out[start:stop])
+            kd.fold_min_d2(q_all[c0:c0 + per_block], qdiag_all[c0:c0 + per_block], out)
         np.maximum(out, 0.0, out=out)
         return out
 

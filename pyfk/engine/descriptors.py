@@ -27,6 +27,14 @@ def _describe(a) -> str:
     return f"{type(a).__name__} of shape {tuple(getattr(a, 'shape', ()))} and dtype {getattr(a, 'dtype', '?')}"
 
 
+def is_row_source(a) -> bool:
+    """A read-only row source (`__pyfk_rows__`, e.g. pyfk.features.sharded.ConcatRows: a sharded
+    store's shards as one array): shape, dtype and ndim like a NumPy array, and a[slice] /
+    a[int64 array] return NumPy arrays of just those rows. The engine reads it by row blocks and
+    never converts it as a whole."""
+    return not isinstance(a, (np.ndarray, torch.Tensor)) and bool(getattr(type(a), "__pyfk_rows__", False))
+
+
 def _check_array(a, name: str):
     if isinstance(a, np.ma.MaskedArray):
         raise TypeError(f"{name}: expected a plain NumPy array or torch tensor, got a NumPy masked array "
@@ -42,6 +50,10 @@ def _check_array(a, name: str):
         if a.dtype not in _TORCH_FLOATS:
             raise TypeError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got dtype {a.dtype}")
         kind = "torch"
+    elif is_row_source(a):
+        if np.dtype(a.dtype).type not in _NUMPY_FLOATS:
+            raise TypeError(f"{name}: expected a float16/float32/float64 array, got dtype {a.dtype}")
+        kind = "numpy"
     else:
         raise TypeError(f"{name}: expected a NumPy array or torch tensor, got {type(a).__name__}")
     if a.ndim != 2:
@@ -199,6 +211,9 @@ F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _max_abs(a) -> float:
+    if is_row_source(a):
+        step = max(1, (1 << 22) // max(1, a.shape[1]))
+        return max((_max_abs(a[i:i + step]) for i in range(0, a.shape[0], step)), default=0.0)
     if isinstance(a, torch.Tensor):
         return float(a.abs().max()) if a.numel() else 0.0
     return float(np.abs(a).max()) if a.size else 0.0
@@ -216,6 +231,12 @@ def first_non_finite_row(a) -> int | None:
     non-finite; only then (or if finite values overflowed the sum) are rows tested in blocks.
     """
     step = max(1, (1 << 22) // max(1, a.shape[1]))
+    if is_row_source(a):  # block by block (each an ndarray)
+        for i in range(0, a.shape[0], step):
+            row = first_non_finite_row(a[i:i + step])
+            if row is not None:
+                return i + row
+        return None
     if isinstance(a, torch.Tensor):
         acc = torch.float64 if a.dtype == torch.float64 else torch.float32
         if bool(torch.isfinite(a.sum(dtype=acc))):
@@ -303,10 +324,8 @@ def normalized_block(parts: list, rows, normalize: str, device=None) -> torch.Te
     col = 0
     index_t = None
     for part in parts:
-        if isinstance(rows, slice):
-            block = part[rows]
-        elif isinstance(part, np.ndarray):
-            block = part[rows]
+        if isinstance(rows, slice) or not isinstance(part, torch.Tensor):
+            block = part[rows]  # NumPy, or a row source: just these rows
         else:
             if index_t is None or index_t.device != part.device:
                 index_t = torch.as_tensor(rows, device=part.device)

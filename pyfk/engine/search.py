@@ -270,28 +270,33 @@ class KernelDistances:
         per_block = max(1, SIM_BLOCK // self.n)
         for c0 in range(0, len(centres), per_block):
             cb = centres[c0:c0 + per_block]
-            q = self.pool.block(cb)
-            qdiag_np = self.diag[cb][:, None]
-            step = max(1, min(self.pool.stream_rows, SIM_BLOCK // len(cb)))
-            for start in range(0, self.n, step):
-                stop = min(self.n, start + step)
-                s = self.backend.similarity(q, self.pool.block(slice(start, stop)), self.layout, self.options)
-                if s.device.type == "cpu":  # NumPy (no contention with the kernel's threads), float64
-                    s_np = s.numpy()        # temporaries of at most SIM_SUB elements
-                    sub = max(1, SIM_SUB // s_np.shape[1])
-                    m = np.full(s_np.shape[1], np.inf)
-                    for r in range(0, s_np.shape[0], sub):
-                        part = s_np[r:r + sub].astype(np.float64)
-                        part *= -2.0
-                        part += qdiag_np[r:r + sub]
-                        np.minimum(m, part.min(0), out=m)
-                else:  # reduce on the device, bring back one row
-                    t = s.to(torch.float64).mul_(-2.0).add_(torch.as_tensor(qdiag_np, device=s.device))
-                    m = t.min(0).values.cpu().numpy()
-                m += self.diag[start:stop]
-                np.minimum(out[start:stop], m, out=out[start:stop])
+            self.fold_min_d2(self.pool.block(cb), self.diag[cb], out)
         np.maximum(out, 0.0, out=out)
         return out
+
+    def fold_min_d2(self, q, qdiag: np.ndarray, out: np.ndarray) -> None:
+        """out = min(out, d^2 from each centre row of `q` to every pool row), not clamped.
+        q: (c, D) normalised centre rows on the pool's device (pool rows, or rows sent from
+        another rank's shard); qdiag: (c,) float64 their R(q, q)."""
+        qdiag_np = np.asarray(qdiag, dtype=np.float64)[:, None]
+        step = max(1, min(self.pool.stream_rows, SIM_BLOCK // len(q)))
+        for start in range(0, self.n, step):
+            stop = min(self.n, start + step)
+            s = self.backend.similarity(q, self.pool.block(slice(start, stop)), self.layout, self.options)
+            if s.device.type == "cpu":  # NumPy (no contention with the kernel's threads), float64
+                s_np = s.numpy()        # temporaries of at most SIM_SUB elements
+                sub = max(1, SIM_SUB // s_np.shape[1])
+                m = np.full(s_np.shape[1], np.inf)
+                for r in range(0, s_np.shape[0], sub):
+                    part = s_np[r:r + sub].astype(np.float64)
+                    part *= -2.0
+                    part += qdiag_np[r:r + sub]
+                    np.minimum(m, part.min(0), out=m)
+            else:  # reduce on the device, bring back one row
+                t = s.to(torch.float64).mul_(-2.0).add_(torch.as_tensor(qdiag_np, device=s.device))
+                m = t.min(0).values.cpu().numpy()
+            m += self.diag[start:stop]
+            np.minimum(out[start:stop], m, out=out[start:stop])
 
 
 def greedy_k_centre(dist: KernelDistances, count: int, *, seed: int, initial=None,

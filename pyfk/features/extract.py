@@ -27,6 +27,7 @@ from pyfk.engine.descriptors import Descriptors
 from pyfk.engine.search import topk
 from pyfk.errors import check_choice, check_int
 from pyfk.features.extraction import Extraction
+from pyfk.features.sharded import extract_sharded, rank_and_world
 from pyfk.features.writer import StoreWriter
 
 PSEUDO_LABELS = ("argmax", "true", "map", "mc")
@@ -197,7 +198,7 @@ def extract(model: torch.nn.Module, loader, layers, pseudo_label: str = "argmax"
             map_reference=None, mc_passes: int = 8, mc_degrees: float = 15.0, mc_brightness: float = 0.1,
             projection=None, seed: int = 0, device=None, amp: bool | None = None,
             channels_last: bool | None = None, dtype: str | None = None, store=None,
-            overwrite: bool = False, progress: bool | None = None) -> Extraction:
+            overwrite: bool = False, progress: bool | None = None, sharded: bool | None = None) -> Extraction:
     """Extract PFK descriptors for every example the loader yields.
 
     Args:
@@ -223,6 +224,16 @@ def extract(model: torch.nn.Module, loader, layers, pseudo_label: str = "argmax"
             over a sized dataset in a fixed order). overwrite=True starts it over. A complete
             store is opened read-only and returned; one writer at a time (StoreLockedError
             names the other); see pyfk.features.store for space, symlink and lock rules.
+            Inside an initialised torch.distributed process group of W > 1 ranks, every rank
+            calls it (collective) and writes its shard STORE/shard-RRRRR-of-WWWWW/ of a sharded
+            store: the loader (a DataLoader over the whole dataset, not shuffled) is split into W
+            contiguous parts, each resumable; STORE/sharded.json is written once every shard is
+            complete; an error on one rank raises on every rank. Returns this rank's shard
+            (meta["shard"]: rank, world, offset, ...); `pyfk.ShardedStore.open(STORE)` reads
+            them as one pool (see pyfk.features.sharded).
+        sharded: None (default): the sharded layout inside a group of W > 1 ranks, a plain
+            store otherwise; False: a plain store written by this process alone, even inside a
+            group; True: the sharded layout (needs store=), also in a single process (one shard).
     Every argument is checked before any batch is computed or any store file touched: a bad
     one raises ValueError/TypeError naming it (`name: expected X, got Y`): layers (a list of
     module names), loader (iterable), projection (None, a positive int or {layer: positive
@@ -235,6 +246,30 @@ def extract(model: torch.nn.Module, loader, layers, pseudo_label: str = "argmax"
     Returns:
         Extraction (see its docstring).
     """
+    if sharded is not None and not isinstance(sharded, bool):
+        raise TypeError(f"sharded: expected None, True or False, got {type(sharded).__name__} {sharded!r:.80}")
+    if sharded and store is None:
+        raise ValueError("sharded: True writes a sharded store and needs store=DIR, got store=None")
+    options = dict(with_true=with_true, badge=badge, badge_layer=badge_layer, map_reference=map_reference,
+                   mc_passes=mc_passes, mc_degrees=mc_degrees, mc_brightness=mc_brightness, projection=projection,
+                   seed=seed, device=device, amp=amp, channels_last=channels_last, dtype=dtype, progress=progress)
+    if store is not None and sharded is not False and (sharded or rank_and_world()[1] > 1):
+        def run(shard_loader, shard_path, shard):
+            return _extract(model, shard_loader, layers, pseudo_label, store=shard_path, overwrite=overwrite,
+                            shard=shard, **options)
+        return extract_sharded(run, loader, store, overwrite)
+    return _extract(model, loader, layers, pseudo_label, store=store, overwrite=overwrite, **options)
+
+
+def _extract(model: torch.nn.Module, loader, layers, pseudo_label: str = "argmax", *,
+             with_true: bool = False, badge: bool = False, badge_layer: str | None = None,
+             map_reference=None, mc_passes: int = 8, mc_degrees: float = 15.0, mc_brightness: float = 0.1,
+             projection=None, seed: int = 0, device=None, amp: bool | None = None,
+             channels_last: bool | None = None, dtype: str | None = None, store=None,
+             overwrite: bool = False, progress: bool | None = None, shard: dict | None = None) -> Extraction:
+    """`extract` in this process (see there); `shard` (a sharded extraction's {"rank", "world",
+    "offset", "total"}) is kept in the store's settings, and example ids the loader does not give
+    count from its offset (the global row)."""
     # every argument is checked here, before any batch is computed or any store file touched
     check_choice(pseudo_label, "pseudo_label", PSEUDO_LABELS)
     if dtype is None:
@@ -267,6 +302,8 @@ def extract(model: torch.nn.Module, loader, layers, pseudo_label: str = "argmax"
         config = dict(layers=list(layers), pseudo_label=pseudo_label, with_true=with_true, badge=badge,
                       badge_layer=badge_layer, projection=projection, seed=seed, dtype=dtype,
                       mc=[mc_passes, mc_degrees, mc_brightness] if pseudo_label == "mc" else None)
+        if shard is not None:
+            config["shard"] = shard
         writer = StoreWriter(store, loader, config, overwrite)
         if writer.complete:
             return writer.extraction()
@@ -291,14 +328,16 @@ def extract(model: torch.nn.Module, loader, layers, pseudo_label: str = "argmax"
     total = _maybe_len(loader)
     show = (sys.stderr.isatty() if progress is None else bool(progress))
     bar = tqdm(total=total, initial=start if total else 0, unit="img", unit_scale=True,
-               desc="pyfk.extract", disable=not show)
+               desc="pyfk.extract" if shard is None else f"pyfk.extract [rank {shard['rank']}/{shard['world']}]",
+               disable=not show)
     try:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         row = start
+        id_base = 0 if shard is None else int(shard["offset"])  # default ids: the row in the whole dataset
         for b_index, batch in enumerate(batches):
-            x, y, ids = _split_batch(batch, b_index, row)
+            x, y, ids = _split_batch(batch, b_index, row + id_base)
             if (pseudo_label == "true" or with_true) and y is None:
                 raise ValueError(f"pseudo_label/with_true: the loader gives no labels (batch {b_index})")
             x = _to_device(x, device, channels_last)

@@ -74,6 +74,9 @@ def _native(a) -> bool:
 def pool_segments(parts, sel):
     """(segments, rows) for _C: views and a row list, or converted chunk copies."""
     arrays = [_as_numpy(a) for a in parts]
+    if not all(isinstance(a, (np.ndarray, torch.Tensor)) for a in arrays):
+        # a row source (a sharded store's shards): just this chunk's rows, views where they lie in one shard
+        arrays, sel = [np.asarray(a[sel]) for a in arrays], slice(None)
     if all(_native(a) for a in arrays):
         if isinstance(sel, slice):
             return [a[sel] for a in arrays], None
