@@ -525,7 +525,13 @@ def _run_extract(args) -> int:
         raise _UserError("--mean and --std go together")
     if not os.path.isfile(args.model):
         raise _UserError(f"--model {args.model}: no such file")
+    from pyfk.distributed import comm
+
+    comm.init()  # under torchrun: each rank writes its shard of a sharded store (OUT/shard-RRRRR-of-WWWWW/)
+    rank, world = comm.rank_and_world()
     device = _device(args.device)
+    if world > 1 and device.type == "cuda" and device.index is None:  # one GPU per local rank
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     dataset = load_dataset(args.data, size=args.image_size, grayscale=args.grayscale)
     if args.mean is not None:
         dataset = Normalized(dataset, args.mean, args.std)
@@ -536,7 +542,7 @@ def _run_extract(args) -> int:
     model = model.to(device)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
-    before = 0 if args.overwrite else _rows_done(args.out)
+    before = 0 if args.overwrite or world > 1 else _rows_done(args.out)
     t0 = time.perf_counter()
     try:
         result = pyfk.extract(model, loader, layers, pseudo_label=args.pseudo_label, with_true=args.with_true,
@@ -549,6 +555,11 @@ def _run_extract(args) -> int:
               "same command to continue.", file=sys.stderr)
         return 130
     seconds = time.perf_counter() - t0
+    if world > 1:
+        if rank == 0:
+            print(f"pyfk extract: {args.out}: {len(dataset)} rows in {world} shards (shard-*-of-{world:05d}/, "
+                  f"sharded.json); this rank's {len(result)} rows in {seconds:.2f} s on {device}")
+        return 0
     n = len(result)
     new = n - before
     widths = [int(z.shape[1]) for z in result.descriptors.z]

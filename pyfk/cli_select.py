@@ -79,18 +79,55 @@ def read_exclude(path: str) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64)
 
 
-def _open_pool(path: str):
-    """(Extraction-like pool, store path, sharded?) of a store or a sharded store directory."""
-    from pyfk.features.store import DescriptorStore
+class _PoolView:
+    """What the strategies read of a pool store: descriptors, probs, badge, ids (NumPy/memmaps)."""
+
+    def __init__(self, descriptors, probs, badge, ids):
+        self.descriptors, self.probs, self.badge, self.ids = descriptors, probs, badge, ids
+
+
+def _view_of_store(store) -> _PoolView:
     from pyfk.features.writer import extraction_from_store
+
+    ext = extraction_from_store(store)
+    return _PoolView(ext.descriptors, ext.probs, ext.badge, np.asarray(ext.ids))
+
+
+def _open_pool(path: str, world: int):
+    """(pool view of this process's rows, global ids of every row or None, global offset of the rows)."""
+    from pyfk.features.store import DescriptorStore
 
     if not os.path.exists(path):
         raise UserError(f"--pool {path}: no such directory")
-    if os.path.isfile(os.path.join(path, "sharded.json")):
-        from pyfk.features.sharded import ShardedStore
+    if not os.path.isfile(os.path.join(path, "sharded.json")):
+        if world > 1:
+            raise UserError(f"--pool {path}: under torchrun (world size {world}) the pool must be a sharded store "
+                            "(DIR/shard-RRRRR-of-WWWWW/, written by `pyfk extract` under torchrun)")
+        view = _view_of_store(DescriptorStore.open(path))
+        return view, view.ids, 0
+    from pyfk.features.sharded import ShardedStore
 
-        return ShardedStore.open(path), True
-    return extraction_from_store(DescriptorStore.open(path)), False
+    store = ShardedStore.open(path)
+    if world > 1:  # this rank's shard; its rows are offset + i
+        return _view_of_store(store.local()), None, store.offset
+    badge = None
+    if "badge_h0" in store.names:
+        badge = store.descriptors(z_prefix="badge_h", g_prefix="badge_e", same_widths=False)
+    ids = np.asarray(store.rows("ids"))
+    return _PoolView(store.to_descriptors(), np.asarray(store.rows("probs")), badge, ids), ids, 0
+
+
+def _global_ids(view: _PoolView, offset: int, rows: np.ndarray) -> np.ndarray:
+    """The ids of global pool rows `rows`, each from the rank that holds it (collective)."""
+    import torch
+
+    from pyfk.distributed import comm
+
+    local = np.full(len(rows), np.iinfo(np.int64).min, dtype=np.int64)
+    mine = (rows >= offset) & (rows < offset + len(view.ids))
+    local[mine] = view.ids[rows[mine] - offset]
+    gathered = comm.all_gather_tensor(torch.from_numpy(local))
+    return torch.stack(gathered).max(0).values.numpy()
 
 
 def _open_val(path: str | None, strategy: str):
@@ -106,26 +143,29 @@ def _open_val(path: str | None, strategy: str):
     return ValInputs.from_extraction(ext), np.asarray(ext.ids)
 
 
-def _pool_inputs(ext, needs):
-    from pyfk.al.strategies import PoolInputs
-
+def _check_needs(needs) -> None:
     missing = [name for name in needs.pool if name not in _FROM_STORE]
     if missing:
         raise UserError(f"--strategy: needs pool.{missing[0]}, which a descriptor store does not hold; "
                         f"use a strategy reading {sorted(_FROM_STORE)}")
-    fields = {name: getattr(ext, name) for name in needs.pool}
+
+
+def _pool_inputs(view: _PoolView, needs):
+    from pyfk.al.strategies import PoolInputs
+
+    fields = {name: getattr(view, name) for name in needs.pool}
     if "badge" in fields and fields["badge"] is None:
         raise UserError("--strategy badge: the pool store has no BADGE factors (extract with --badge)")
-    return PoolInputs(n=len(ext.ids), **fields)
+    return PoolInputs(n=len(view.ids), **fields)
 
 
-def pick_rows(sel, ids: np.ndarray, val_ids: np.ndarray | None) -> list[dict]:
+def pick_rows(sel, pick_ids: np.ndarray, val_ids: np.ndarray | None) -> list[dict]:
     """One dict per pick, in pick order: pick, row, id, score and, for the PFK family, the
     validation centre (row and id), the neighbour rank and each scale's share of the score."""
     prov = sel.provenance
     rows = []
     for j, (row, score) in enumerate(zip(sel.indices.tolist(), sel.scores.tolist())):
-        out = {"pick": j, "row": int(row), "id": int(ids[row]), "score": float(score)}
+        out = {"pick": j, "row": int(row), "id": int(pick_ids[j]), "score": float(score)}
         if "centre" in prov:
             centre = int(prov["centre"][j])
             out["centre"] = centre
@@ -195,42 +235,37 @@ def _select(args) -> int:
             if name not in spec.params:
                 raise UserError(f"{flag}: strategy {args.strategy!r} takes no {name!r} parameter")
             params[name] = value
+    _check_needs(spec.needs)
     comm.init()  # under torchrun: joins the group (gloo on CPU, NCCL on GPUs); else one process
     rank, world = comm.rank_and_world()
     exclude = read_exclude(args.exclude) if args.exclude else None
-    pool, sharded = _open_pool(args.pool)
+    view, ids, offset = _open_pool(args.pool, world)
     val, val_ids = _open_val(args.val, args.strategy) if spec.needs.val else (None, None)
-    if world > 1:
-        if not sharded:
-            raise UserError(f"--pool {args.pool}: under torchrun (world size {world}) the pool must be a sharded "
-                            "store (DIR/shard-RRRRR-of-WWWWW/, written by `pyfk extract` under torchrun)")
-        from pyfk.distributed.acquire import acquire as distributed_acquire
-
-        local = pool.local()
-        inputs = _pool_inputs(local, spec.needs)
-        ids = pool.ids()
-    else:
-        ext = pool.extraction() if sharded else pool
-        inputs = _pool_inputs(ext, spec.needs)
-        ids = np.asarray(ext.ids)
+    inputs = _pool_inputs(view, spec.needs)
     backend = resolve(args.backend, "cpu")
     t0 = time.perf_counter()
     if world > 1:
+        from pyfk.distributed.acquire import acquire as distributed_acquire
+
         sel = distributed_acquire(args.strategy, inputs, args.budget, labeled=exclude, seed=args.seed, val=val,
-                                   backend=args.backend, **params)
+                                  backend=args.backend, **params)
+        pick_ids = _global_ids(view, offset, sel.indices)
+        n_total = int(sel.provenance.get("n", 0))
     else:
         sel = pyfk.acquire(args.strategy, inputs, args.budget, labeled=exclude, seed=args.seed, val=val,
                            backend=args.backend, **params)
+        pick_ids = ids[sel.indices]
+        n_total = len(ids)
     seconds = time.perf_counter() - t0
     if rank != 0:
         return 0
-    rows = pick_rows(sel, ids, val_ids)
+    rows = pick_rows(sel, pick_ids, val_ids)
     record = {"command": ["pyfk", *sys.argv[1:]], "pool": os.path.abspath(args.pool),
               "val": os.path.abspath(args.val) if args.val else None, "strategy": args.strategy,
               "budget": args.budget, "seed": args.seed, "backend": backend.name, "world_size": world,
               "seconds": seconds, "provenance": sel.provenance}
     csv_path, json_path = write_picks(args.out, rows, record)
-    print(f"pyfk select: {len(rows)} picks by {args.strategy} from {len(ids)} pool rows "
+    print(f"pyfk select: {len(rows)} picks by {args.strategy} from {n_total} pool rows "
           f"({0 if exclude is None else len(exclude)} excluded) in {seconds:.2f} s on backend {backend.name}"
           + (f", {world} ranks" if world > 1 else ""))
     print(f"wrote {csv_path} and {json_path}")
