@@ -5,8 +5,8 @@ import csv
 
 import pytest
 import torch
-
 from harness import run_ranks
+
 from pyfk.al.models import LeNet
 from pyfk.cli import main
 
