@@ -7,6 +7,8 @@
                  --data DIR|FILE.pt|FILE.npz --out STORE [--layers conv1,conv2,fc1] [--pseudo-label argmax|true|mc] ...
     pyfk bench-extract [--model resnet18|lenet] [--batch-size 128] [--n 512] [--repeats 3] [--json out.json]
     pyfk select --pool STORE [--val STORE] --budget B [--strategy pfk] [--exclude labeled.txt] --out picks.csv
+    pyfk plan [--N 1281167 --M 1000 --widths 64,128,256,512 --k 32 --dtype float16] [--device cpu|cuda|auto]
+              [--world W] [--gpus G] [--recalibrate] [--json PATH] [--check-json BENCH_JSON]
     pyfk run CONFIG.json [--out DIR]       an AL experiment (resumable)
     pyfk demo [--out DIR] [--quick]        the embedded 100x-imbalanced MNIST comparison
 
@@ -130,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     from pyfk import cli_select
 
     cli_select.add_parser(sub, _positive)
+    _add_plan(sub)
     return parser
 
 
@@ -627,6 +630,34 @@ def _cmd_bench_extract(args: argparse.Namespace) -> int:
     print(format_table(result))
     _write_json(args.json, result)
     return 0
+
+
+# ----------------------------------------------------------------------------- pyfk plan
+
+def _add_plan(sub) -> None:
+    from pyfk.plan import add_arguments
+
+    p = sub.add_parser(
+        "plan", help="predict time, memory and disk of a selection from rates measured here; recommend "
+                     "backend, precision and sharding",
+        description="Predict one top-k selection of M queries against an N-row pool (scale widths L_j, k, store "
+                    "dtype) on --world ranks or --gpus GPUs: time per rank, memory per rank (mapped pool shard, "
+                    "memory beyond it; the M x N matrix that is not built), disk of the pool and extraction stores, "
+                    "and which backend, precision and sharding to use. CPU rates come from a few seconds of "
+                    "micro-benchmark on this machine, cached under the cache directory (plan/rates-*.json; "
+                    "--recalibrate measures again); GPU rates from a `pyfk bench --device cuda --json` result "
+                    "(--rates-json), else a documented H100 assumption, labelled as such. --check-json predicts a "
+                    "recorded `pyfk bench --json` run and prints predicted vs measured.",
+        epilog="Examples: pyfk plan --preset imagenet; pyfk plan --N 10000000 --M 50000 --gpus 8; "
+               "pyfk plan --check-json benchmarks/results/zen3/preset_imagenet_fp16.json")
+    add_arguments(p)
+    p.set_defaults(func=_cmd_plan)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pyfk.plan import command
+
+    return command(args)
 
 
 # ----------------------------------------------------------------------------- pyfk run / pyfk demo

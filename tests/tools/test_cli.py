@@ -176,7 +176,7 @@ def test_extract_help_subprocess():
 
 
 def test_every_subcommand_has_help(capsys):
-    for cmd in ("bench", "backends", "extract", "bench-extract"):
+    for cmd in ("bench", "backends", "extract", "bench-extract", "select", "plan"):
         with pytest.raises(SystemExit) as exc:
             main([cmd, "--help"])
         assert exc.value.code == 0
