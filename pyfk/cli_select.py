@@ -243,17 +243,18 @@ def _select(args) -> int:
     val, val_ids = _open_val(args.val, args.strategy) if spec.needs.val else (None, None)
     inputs = _pool_inputs(view, spec.needs)
     backend = resolve(args.backend, "cpu")
+    progress = False if args.no_progress else None  # None: a bar for long searches on a terminal
     t0 = time.perf_counter()
     if world > 1:
         from pyfk.distributed.acquire import acquire as distributed_acquire
 
         sel = distributed_acquire(args.strategy, inputs, args.budget, labeled=exclude, seed=args.seed, val=val,
-                                  backend=args.backend, **params)
+                                  backend=args.backend, progress=progress, **params)
         pick_ids = _global_ids(view, offset, sel.indices)
         n_total = int(sel.provenance.get("n", 0))
     else:
         sel = pyfk.acquire(args.strategy, inputs, args.budget, labeled=exclude, seed=args.seed, val=val,
-                           backend=args.backend, **params)
+                           backend=args.backend, progress=progress, **params)
         pick_ids = ids[sel.indices]
         n_total = len(ids)
     seconds = time.perf_counter() - t0

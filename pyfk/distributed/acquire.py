@@ -94,7 +94,7 @@ PFK_COMBINES = {"pcc": "features", "pfk": "product", "pfk_sum": "sum"}
 
 def acquire(strategy: str, local_pool: PoolInputs, budget: int, *, labeled=None, seed: int = 0,
             val: ValInputs | None = None, backend: str = "auto", group=None, exact: bool = True,
-            **params) -> Selection:
+            progress: bool | None = None, **params) -> Selection:
     """Run acquisition strategy `strategy` over a pool sharded across the ranks of `group`.
 
     Collective: every rank of `group` (None: the default group) calls it with its own
@@ -106,13 +106,14 @@ def acquire(strategy: str, local_pool: PoolInputs, budget: int, *, labeled=None,
 
     exact: coreset and badge are exact only with a backend in SHARD_EXACT_BACKENDS ("cpu");
     with another they raise NotImplementedError, unless exact=False (same algorithm, picks
-    may differ at near-ties of the float32 distances). Raises what `pyfk.acquire` raises, on
-    every rank, plus ValueError when the ranks' calls disagree.
+    may differ at near-ties of the float32 distances). progress: as in `pyfk.acquire` (rank 0's
+    bar only). Raises what `pyfk.acquire` raises, on every rank, plus ValueError when the ranks'
+    calls disagree.
     """
     rank, world = comm.rank_and_world(group)
     if world == 1:
         return base.select(strategy, local_pool, budget, labeled=labeled, seed=seed, val=val, backend=backend,
-                           **params)
+                           progress=progress, **params)
 
     # 1. local checks (no collective before agree: a failing rank must not leave the others waiting)
     error, call = None, None
@@ -120,6 +121,7 @@ def acquire(strategy: str, local_pool: PoolInputs, budget: int, *, labeled=None,
         if not isinstance(exact, (bool, np.bool_)):
             raise TypeError(f"exact: expected True or False, got {type(exact).__name__} {exact!r}")
         call = _local_call(strategy, local_pool, val, seed, params, backend)
+        call.progress = progress
     except Exception as exc:  # noqa: BLE001 - raised on every rank by agree
         error = exc
     comm.agree(error, group)
@@ -180,6 +182,7 @@ class _Call:
     backend: object = None
     shapes: tuple = ()
     unsupported: bool = False
+    progress: bool | None = None
 
 
 @dataclass
@@ -522,7 +525,7 @@ def _pfk_family(pool, call: _Call, sh: _Shard, combine, k, normalize, use_all):
     details = sharded_select(pool.descriptors, val.descriptors, sh.budget, val.labels, val.pred, k=k,
                              combine=combine, normalize=normalize, seed=sh.seed,
                              exclude=sh.labeled if len(sh.labeled) else None, backend=sh.backend,
-                             use_all=use_all, return_details=True, group=sh.group)
+                             use_all=use_all, return_details=True, group=sh.group, progress=call.progress)
     idx = np.asarray(details["indices"], dtype=np.int64)
     centre = np.asarray(details["centre"], dtype=np.int64)
     scales = call.desc.num_scales

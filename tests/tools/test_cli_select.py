@@ -127,3 +127,16 @@ def test_select_help(capsys):
         main(["select", "--help"])
     assert exc.value.code == 0
     assert "usage: pyfk select" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_reaches_the_pfk_search(progress, stores, capsys):
+    """pyfk.acquire(progress=...) (what `pyfk select` passes; --no-progress gives False) drives
+    the search's progress bar."""
+    pool = extraction_from_store(DescriptorStore.open(str(stores["pool"])))
+    val = extraction_from_store(DescriptorStore.open(str(stores["val"])))
+    capsys.readouterr()
+    pyfk.acquire("pfk", pyfk.PoolInputs(descriptors=pool.descriptors), 4, val=pyfk.ValInputs.from_extraction(val),
+                 progress=progress)
+    err = capsys.readouterr().err
+    assert ("pool rows" in err or "%|" in err) == progress, err

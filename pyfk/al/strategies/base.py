@@ -109,6 +109,7 @@ class Request:
     seed: int
     val: ValInputs | None
     backend: str
+    progress: bool | None = None  # a progress bar on long searches (None: on a terminal only)
 
 
 # ----------------------------------------------------------------------------- requirements and registry
@@ -188,19 +189,22 @@ def register(name: str, *, needs: str | Sequence[str] | None, passes: str | None
 # ----------------------------------------------------------------------------- select
 
 def select(strategy: str, pool: PoolInputs, budget: int, *, labeled=None, seed: int = 0,
-           val: ValInputs | None = None, backend: str = "auto", **params) -> Selection:
+           val: ValInputs | None = None, backend: str = "auto", progress: bool | None = None,
+           **params) -> Selection:
     """Run acquisition strategy `strategy` (a key of STRATEGIES) on `pool`.
 
     Returns a Selection of `budget` distinct pool indices, none in `labeled`, in pick
     order. Raises ValueError for an unknown strategy or parameter, a missing input
     (a PoolInputs field or the ValInputs the strategy needs), a budget larger than the
     unlabeled pool, a labeled set with duplicates or out-of-range indices, and NaN/Inf
-    or unnormalised probabilities.
+    or unnormalised probabilities. progress: a progress bar on the long searches of the
+    PFK family (None: only on a terminal, for long searches; False: never).
     """
     spec, merged, seed, n = check_call(strategy, pool, val, seed, params)
     labeled_arr, budget, available = check_budget(labeled, budget, n)
     rows = np.setdiff1d(np.arange(n, dtype=np.int64), labeled_arr, assume_unique=True)
-    req = Request(n=n, budget=budget, labeled=labeled_arr, rows=rows, seed=seed, val=val, backend=backend)
+    req = Request(n=n, budget=budget, labeled=labeled_arr, rows=rows, seed=seed, val=val, backend=backend,
+                  progress=progress)
 
     start = time.perf_counter()
     indices, scores, extras = spec.fn(pool, req, **merged)
