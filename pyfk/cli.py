@@ -27,20 +27,11 @@ from pathlib import Path
 
 from pyfk import BackendUnavailable, __version__
 from pyfk.engine.descriptors import COMBINES
+from pyfk.plan import widths_arg
 
 # Defaults of `pyfk bench` (the size) and of `pyfk bench --quick`.
 _FULL = {"M": 1000, "N": 50000, "widths": [64, 128, 256, 512]}
 _QUICK = {"M": 200, "N": 10000, "widths": [32, 64]}
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def _name_list(text: str) -> list[str]:
@@ -81,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
                "process-wide default), --option triton.allow_tf32=true, --option cuda.gemm=bfloat16.")
     bench.add_argument("--M", type=_positive, default=None, help=f"queries (default {_FULL['M']})")
     bench.add_argument("--N", type=_positive, default=None, help=f"pool size (default {_FULL['N']})")
-    bench.add_argument("--widths", type=_int_list, default=None,
+    bench.add_argument("--widths", type=widths_arg, default=None,
                        help=f"comma-separated scale widths L_j (default {','.join(map(str, _FULL['widths']))})")
     bench.add_argument("--k", type=_positive, default=32, help="neighbours per query (default 32)")
     bench.add_argument("--combine", choices=COMBINES, default="product", help="similarity (default product)")

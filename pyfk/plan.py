@@ -945,7 +945,8 @@ def format_check(res: Mapping) -> str:
 
 # ----------------------------------------------------------------------------- command line
 
-def _widths_list(text: str) -> list[int]:
+def widths_arg(text: str) -> list[int]:
+    """argparse type of `--widths` (`pyfk plan`, `pyfk bench`): comma-separated positive integers."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -991,7 +992,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--N", type=_count(1), default=None, help="pool rows (required unless --preset/--check-json)")
     p.add_argument("--M", type=_count(1), default=None, help="queries, e.g. misclassified validation examples "
                                                             f"(default {_CLI_DEFAULTS['M']})")
-    p.add_argument("--widths", type=_widths_list, default=None,
+    p.add_argument("--widths", type=widths_arg, default=None,
                    help=f"comma-separated scale widths L_j (default {','.join(map(str, _CLI_DEFAULTS['widths']))})")
     p.add_argument("--k", type=_count(1), default=None, help=f"neighbours per query (default {_CLI_DEFAULTS['k']})")
     p.add_argument("--dtype", choices=tuple(ITEMSIZE), default=None,
