@@ -268,8 +268,9 @@ def _add_extract(sub) -> None:
     p.add_argument("--data", required=True, metavar="PATH", help="image folder, .pt/.pth or .npz file")
     p.add_argument("--out", required=True, metavar="STORE_DIR", help="descriptor store directory to write")
     p.add_argument("--layers", type=_name_list, default=None,
-                   help="comma-separated module names to tap (default for built-in archs: lenet "
-                        "conv1,conv2,fc1; resnet18 layer1,layer2,layer3,layer4)")
+                   help="comma-separated module names to tap, or auto (the last module of each spatial "
+                        "stage, at most 4, plus the classifier's input; see pyfk.extract). Default: lenet "
+                        "conv1,conv2,fc1; resnet18 layer1,layer2,layer3,layer4; other models auto")
     p.add_argument("--pseudo-label", choices=("argmax", "true", "mc"), default="argmax",
                    help="label estimate for the gradients: the prediction (default), the given label, or the "
                         "argmax of MC perturbed passes")
@@ -460,12 +461,11 @@ def _model_and_layers(args):
         _load_weights(model, sd, f"--arch {arch}")
         builtin = arch if arch in models.MODELS else None
     layers = args.layers
+    if layers == ["auto"]:
+        return model, "auto"  # pyfk.extract picks the stages + penultimate layer (and logs them)
     if layers is None:
-        if builtin is None:
-            names = [n for n, _ in model.named_modules() if n]
-            raise _UserError(f"--layers is required for {type(model).__name__} (its modules include "
-                             f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''})")
-        layers = models.default_layers(builtin)
+        # built-in archs keep their documented layers; anything else gets the automatic rule
+        layers = models.default_layers(builtin) if builtin is not None else "auto"
     return model, layers
 
 

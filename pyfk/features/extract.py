@@ -14,6 +14,9 @@ is a separate leaf, so in-place ops after a tap (ReLU(inplace=True)) are safe.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import itertools
+import logging
 import math
 import numbers
 import sys
@@ -21,19 +24,23 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from pyfk.engine.descriptors import Descriptors
 from pyfk.engine.search import topk
-from pyfk.errors import check_choice, check_int
+from pyfk.errors import check_choice, check_index_set, check_int
 from pyfk.features.extraction import Extraction
-from pyfk.features.sharded import extract_sharded, rank_and_world
+from pyfk.features.sharded import check_shardable, extract_sharded, rank_and_world, shard_loader
 from pyfk.features.writer import StoreWriter
 
 PSEUDO_LABELS = ("argmax", "true", "map", "mc")
 DTYPES = ("float32", "float16", "float64")
 _MAX_SEED = 2**63 - 1
 _MASK62 = (1 << 62) - 1
+AUTO_MAX_STAGES = 4  # layers="auto": at most this many stage outputs (the deepest), plus the penultimate
+_AUTO_ROWS = 4  # layers="auto" looks at the first rows of the first batch
+log = logging.getLogger("pyfk")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -191,21 +198,188 @@ class _Projection:
         return v if m is None else v @ m.to(v.device)
 
 
+# ----------------------------------------------------------------------------- layers="auto"
+
+def _has_parameters(module: torch.nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def auto_layers(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
+    """The module names `extract(..., layers="auto")` taps, from one forward pass of `x` (an input
+    batch, e.g. the loader's first; only its first few rows are run, in eval mode, without gradients;
+    the model is left as found). The rule, over the modules of `model.named_modules()` (the model
+    itself excluded) that run exactly once in that pass and return one tensor:
+
+    1. stages: of the modules with parameters (their own or their submodules') whose output is
+       spatial, (batch, C, H, W), group by the spatial size (H, W) and keep, for each size, the
+       module that finishes last in the forward pass (a container such as ResNet's `layer2`
+       finishes after its blocks, so the outermost module ending that resolution wins); in forward
+       order, keep the deepest AUTO_MAX_STAGES (4) of them.
+    2. penultimate: the input of the last nn.Linear the forward pass calls, tapped as the output of
+       the module that finishes last before that call and whose output holds exactly those values
+       (a Dropout, Flatten, ReLU or pooling module in front of the classifier). Left out when no
+       module holds them (the input is made by a function call such as torch.relu or x.mean, or
+       is the model's input) and when it equals the global average of the last stage's output
+       (a GAP head: it would repeat that stage's descriptor).
+    The result (at most 5 names) is in forward order. Inputs of other ranks (3-D token tensors,
+    5-D video) are not stages. Raises ValueError naming `layers` when neither rule finds a module;
+    pass the names yourself then.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError(f"layers: 'auto' needs a non-empty input batch to look at the model, got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    x = x[:_AUTO_ROWS]
+    rows = int(x.shape[0])
+    named = [(n, m) for n, m in model.named_modules() if n]
+    seen = {"seq": 0}
+    calls: dict[str, int] = {}
+    done: dict[str, tuple[int, torch.Tensor | None]] = {}  # name -> (finish order, output copy)
+    linear_in: dict[str, tuple[int, torch.Tensor]] = {}  # name -> (call order, input copy)
+
+    def after(name):
+        def hook(module, inputs, output):
+            seen["seq"] += 1
+            calls[name] = calls.get(name, 0) + 1
+            # a copy: an in-place op further on (ReLU(inplace=True)) must not change what we compare
+            done[name] = (seen["seq"], output.detach().clone() if isinstance(output, torch.Tensor) else None)
+        return hook
+
+    def before(name):
+        def hook(module, inputs):
+            seen["seq"] += 1
+            h = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+            linear_in[name] = (seen["seq"], None if h is None else h.detach().clone())
+        return hook
+
+    handles = [m.register_forward_hook(after(n)) for n, m in named]
+    handles += [m.register_forward_pre_hook(before(n)) for n, m in named if isinstance(m, torch.nn.Linear)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+    modules = dict(named)
+    once = {n: (seq, out) for n, (seq, out) in done.items()
+            if calls[n] == 1 and out is not None and out.ndim >= 1 and out.shape[0] == rows}
+    last_at: dict[tuple, tuple[int, str]] = {}
+    for n, (seq, out) in once.items():
+        if out.ndim == 4 and _has_parameters(modules[n]):
+            size = tuple(out.shape[2:])
+            if size not in last_at or seq > last_at[size][0]:
+                last_at[size] = (seq, n)
+    stages = sorted(last_at.values())[-AUTO_MAX_STAGES:]
+
+    chosen = list(stages)
+    once_linear = [(seq, n, h) for n, (seq, h) in linear_in.items()
+                   if calls.get(n) == 1 and h is not None and h.shape[0] == rows]
+    if once_linear:
+        call_seq, _, h = max(once_linear, key=lambda t: t[0])
+        flat = h.reshape(rows, -1)
+        holders = [(seq, n) for n, (seq, out) in once.items() if seq < call_seq and out.numel() == flat.numel()
+                   and out.dtype == flat.dtype and torch.equal(out.reshape(rows, -1), flat)]
+        if holders:
+            seq, name = max(holders)
+            last_stage = once[stages[-1][1]][1] if stages else None
+            pen = _pool(once[name][1])
+            gap_head = (last_stage is not None and _pool(last_stage).shape == pen.shape
+                        and torch.allclose(_pool(last_stage), pen, rtol=1e-4, atol=1e-6))
+            if not gap_head and name not in {n for _, n in stages}:
+                chosen.append((seq, name))
+    if not chosen:
+        names = [n for n, _ in named]
+        raise ValueError(f"layers: 'auto' found no module to tap in {type(model).__name__}: no module with "
+                         "parameters returns a (batch, C, H, W) tensor and no module's output is the input of the "
+                         "last nn.Linear; pass layers= a list of names from model.named_modules()"
+                         + (f", e.g. {names[:10]}" if names else " (it has no submodules)"))
+    return [n for _, n in sorted(chosen)]
+
+
+def _first_input(loader):
+    """(the loader's first batch's inputs, a loader that still yields every batch): a one-shot
+    iterator gets its first batch back in front."""
+    it = iter(loader)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise ValueError("loader: yielded no batches") from None
+    if it is loader:  # a generator or iterator: what was taken must not be lost
+        loader = itertools.chain([first], it)
+    else:
+        del it  # a DataLoader's iterator (and its workers) ends here
+    return _split_batch(first, 0, 0)[0], loader
+
+
+# ----------------------------------------------------------------------------- indices=
+
+class _WithDataset:
+    """`loader` seen with another dataset (for shard_loader, which batches a dataset like `loader`)."""
+
+    def __init__(self, loader, dataset):
+        self._loader, self.dataset = loader, dataset
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+def _check_indices(indices, loader) -> np.ndarray:
+    """Dataset positions as int64 in the order given: 1-D integers, distinct, in [0, len(dataset))."""
+    try:
+        n = check_shardable(loader, 1)
+    except ValueError as exc:
+        raise ValueError(f"indices: a subset is taken from a DataLoader over a sized map-style dataset with "
+                         f"batch_size set, in order (shuffle=False, no sampler), drop_last=False (the check it shares "
+                         f"with sharded extraction says: {exc})") from None
+    if isinstance(indices, (str, bytes)) or not hasattr(type(indices), "__len__"):
+        raise TypeError(f"indices: expected a 1-D sequence of integer dataset positions, got "
+                        f"{type(indices).__name__} {indices!r:.80}")
+    check_index_set(indices, "indices", n)  # masked, dtype, shape, range, duplicates
+    arr = (indices.detach().cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices))
+    if arr.size == 0:
+        raise ValueError("indices: expected at least one dataset position, got none; nothing to extract")
+    return arr.astype(np.int64).reshape(-1)
+
+
+def _subset_loader(loader, indices: np.ndarray):
+    """The rows `indices` of `loader`'s dataset, in that order, batched like `loader`."""
+    return shard_loader(_WithDataset(loader, Subset(loader.dataset, indices.tolist())), 0, len(indices))
+
+
+def _indices_digest(indices: np.ndarray, n: int) -> dict:
+    """What a store records of `indices` (a resume with other indices is refused)."""
+    data = np.ascontiguousarray(indices, dtype="<i8").tobytes()
+    return {"count": int(indices.size), "of": int(n), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 # ----------------------------------------------------------------------------- extract
 
-def extract(model: torch.nn.Module, loader, layers, pseudo_label: str = "argmax", *,
+def extract(model: torch.nn.Module, loader, layers="auto", pseudo_label: str = "argmax", *,
             with_true: bool = False, badge: bool = False, badge_layer: str | None = None,
             map_reference=None, mc_passes: int = 8, mc_degrees: float = 15.0, mc_brightness: float = 0.1,
             projection=None, seed: int = 0, device=None, amp: bool | None = None,
             channels_last: bool | None = None, dtype: str | None = None, store=None,
-            overwrite: bool = False, progress: bool | None = None, sharded: bool | None = None) -> Extraction:
-    """Extract PFK descriptors for every example the loader yields.
+            overwrite: bool = False, progress: bool | None = None, sharded: bool | None = None,
+            indices=None) -> Extraction:
+    """Extract PFK descriptors for every example the loader yields (or the rows `indices`).
 
     Args:
         model: a classifier returning logits (B, C). Left as found afterwards
             (train/eval flags, requires_grad, BatchNorm buffers, .grad).
         loader: iterable of x, (x, y) or (x, y, ids) batches (e.g. a DataLoader).
-        layers: module names as in `model.named_modules()`, e.g. ["layer1", ..., "layer4"].
+        layers: module names as in `model.named_modules()`, e.g. ["layer1", ..., "layer4"], or
+            "auto" (default): the main stages' outputs plus the penultimate features, chosen by
+            `auto_layers` (its docstring has the exact rule: per spatial resolution the last module
+            with parameters to finish, the deepest 4 of them, plus the input of the last nn.Linear)
+            from one forward pass of the first rows of the loader's first batch (on the `indices`
+            subset if given). The choice is logged (logger "pyfk", INFO) and kept in meta["layers"]
+            and a store's settings; a model where the rule finds nothing raises ValueError naming
+            `layers` and listing names to pick from.
         pseudo_label: the label estimate s(x) for the gradients:
             "argmax" the prediction; "true" the loader's label; "map" the label of the
             most similar validation example under R_z (needs map_reference=(Descriptors
@@ -234,11 +408,21 @@ def extract(model: torch.nn.Module, loader, layers, pseudo_label: str = "argmax"
         sharded: None (default): the sharded layout inside a group of W > 1 ranks, a plain
             store otherwise; False: a plain store written by this process alone, even inside a
             group; True: the sharded layout (needs store=), also in a single process (one shard).
+        indices: None (every row), or a 1-D sequence of distinct integer positions in
+            [0, len(loader.dataset)): extract only those rows, in the order given (e.g. the
+            unlabeled part of a pool). Needs a DataLoader over a sized map-style dataset in order
+            (shuffle=False, no sampler, drop_last=False); the rows are read through a Subset batched
+            like the loader (batch_size, collate_fn, workers, pinning). Example ids the loader does
+            not give are the dataset positions. With store= the indices' digest is part of the
+            store's settings: a rerun with the same indices resumes, other indices are refused
+            (overwrite=True starts over). Bad indices (floats, 2-D, duplicates, out of range, empty)
+            raise TypeError/ValueError naming `indices`.
     Every argument is checked before any batch is computed or any store file touched: a bad
     one raises ValueError/TypeError naming it (`name: expected X, got Y`): layers (a list of
-    module names), loader (iterable), projection (None, a positive int or {layer: positive
-    int}), seed (an int in [0, 2**63)), finite non-negative mc_degrees / mc_brightness, device
-    (known and available), store (a directory, or a path where one can be made).
+    module names or "auto"; "auto" runs one forward pass first, see above), indices, loader
+    (iterable), projection (None, a positive int or {layer: positive int}), seed (an int in
+    [0, 2**63)), finite non-negative mc_degrees / mc_brightness, device (known and available),
+    store (a directory, or a path where one can be made).
     Per batch, before the forward pass: labels (the loader's second element) and ids must be
     integers (TypeError naming `labels` / `loader`; floats would be truncated).
     Raises ValueError naming the example ids (nothing of that batch is kept) for NaN/Inf
@@ -250,9 +434,25 @@ def extract(model: torch.nn.Module, loader, layers, pseudo_label: str = "argmax"
         raise TypeError(f"sharded: expected None, True or False, got {type(sharded).__name__} {sharded!r:.80}")
     if sharded and store is None:
         raise ValueError("sharded: True writes a sharded store and needs store=DIR, got store=None")
+    row_ids = subset = None
+    if indices is not None:
+        _check_loader(loader)
+        row_ids = _check_indices(indices, loader)
+        subset = _indices_digest(row_ids, len(loader.dataset))
+        loader = _subset_loader(loader, row_ids)
+    if isinstance(layers, str) and layers == "auto":
+        # the cheap checks first: the forward pass below is the only work done before _extract's checks
+        check_choice(pseudo_label, "pseudo_label", PSEUDO_LABELS)
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        _check_loader(loader)
+        x, loader = _first_input(loader)
+        layers = auto_layers(model, _to_device(x, _check_device(device, model), False))
+        log.info("pyfk.extract: layers='auto' chose %s for %s", layers, type(model).__name__)
     options = dict(with_true=with_true, badge=badge, badge_layer=badge_layer, map_reference=map_reference,
                    mc_passes=mc_passes, mc_degrees=mc_degrees, mc_brightness=mc_brightness, projection=projection,
-                   seed=seed, device=device, amp=amp, channels_last=channels_last, dtype=dtype, progress=progress)
+                   seed=seed, device=device, amp=amp, channels_last=channels_last, dtype=dtype, progress=progress,
+                   row_ids=row_ids, subset=subset)
     if store is not None and sharded is not False and (sharded or rank_and_world()[1] > 1):
         def run(shard_loader, shard_path, shard):
             return _extract(model, shard_loader, layers, pseudo_label, store=shard_path, overwrite=overwrite,
@@ -266,10 +466,13 @@ def _extract(model: torch.nn.Module, loader, layers, pseudo_label: str = "argmax
              map_reference=None, mc_passes: int = 8, mc_degrees: float = 15.0, mc_brightness: float = 0.1,
              projection=None, seed: int = 0, device=None, amp: bool | None = None,
              channels_last: bool | None = None, dtype: str | None = None, store=None,
-             overwrite: bool = False, progress: bool | None = None, shard: dict | None = None) -> Extraction:
+             overwrite: bool = False, progress: bool | None = None, shard: dict | None = None,
+             row_ids: np.ndarray | None = None, subset: dict | None = None) -> Extraction:
     """`extract` in this process (see there); `shard` (a sharded extraction's {"rank", "world",
     "offset", "total"}) is kept in the store's settings, and example ids the loader does not give
-    count from its offset (the global row)."""
+    count from its offset (the global row). With `indices`, the loader is the subset's: `row_ids`
+    maps its (global) rows to dataset positions (the default ids) and `subset` (the indices'
+    digest) is kept in the store's settings."""
     # every argument is checked here, before any batch is computed or any store file touched
     check_choice(pseudo_label, "pseudo_label", PSEUDO_LABELS)
     if dtype is None:
@@ -304,6 +507,8 @@ def _extract(model: torch.nn.Module, loader, layers, pseudo_label: str = "argmax
                       mc=[mc_passes, mc_degrees, mc_brightness] if pseudo_label == "mc" else None)
         if shard is not None:
             config["shard"] = shard
+        if subset is not None:
+            config["indices"] = subset
         writer = StoreWriter(store, loader, config, overwrite)
         if writer.complete:
             return writer.extraction()
@@ -338,6 +543,8 @@ def _extract(model: torch.nn.Module, loader, layers, pseudo_label: str = "argmax
         id_base = 0 if shard is None else int(shard["offset"])  # default ids: the row in the whole dataset
         for b_index, batch in enumerate(batches):
             x, y, ids = _split_batch(batch, b_index, row + id_base)
+            if row_ids is not None and not (isinstance(batch, (tuple, list)) and len(batch) > 2):
+                ids = torch.from_numpy(row_ids[row + id_base:row + id_base + x.shape[0]])
             if (pseudo_label == "true" or with_true) and y is None:
                 raise ValueError(f"pseudo_label/with_true: the loader gives no labels (batch {b_index})")
             x = _to_device(x, device, channels_last)
@@ -429,9 +636,10 @@ def _check_loader(loader) -> None:
 
 
 def _check_layers(layers) -> list:
-    """A list of the layer names (module names); a string or a non-iterable raises TypeError."""
+    """A list of the layer names (module names); a string (other than "auto", resolved before
+    this) or a non-iterable raises TypeError."""
     if isinstance(layers, (str, bytes)) or not (hasattr(type(layers), "__iter__")):
-        raise TypeError(f"layers: expected a non-empty list of module names, got {type(layers).__name__} "
+        raise TypeError(f"layers: expected a non-empty list of module names or 'auto', got {type(layers).__name__} "
                         f"{layers!r:.80}")
     return list(layers)
 

@@ -245,3 +245,16 @@ def test_tensor_file_dataset_errors(tmp_path):
 def _save(path, **tensors):
     torch.save(tensors, path)
     return path
+
+
+def test_extract_layers_auto(tensor_file, checkpoints, tmp_path, capsys):
+    """--layers auto: pyfk.extract's rule picks the layers; the summary line names them and the
+    store records them (the same as pyfk.extract(layers="auto") through the API)."""
+    out = tmp_path / "auto.pfk"
+    rc, stdout, err = run(["extract", "--model", checkpoints["state"], "--arch", "lenet", "--data", tensor_file["pt"],
+                           "--out", out, "--layers", "auto", "--dtype", "float32", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    chosen = open_store(out).meta["extract"]["layers"]
+    loader = DataLoader(TensorFileDataset(tensor_file["pt"]), batch_size=128)
+    assert chosen == pyfk.extract(checkpoints["gray"], loader, "auto").meta["layers"]
+    assert chosen and all(f"{name} (" in stdout for name in chosen)
