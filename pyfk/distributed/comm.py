@@ -9,9 +9,10 @@ global index of local row r on rank q is offsets[q] + r with offsets the exclusi
 prefix sum of the shard sizes gathered in rank order.
 
 Failure: a rank that fails before a collective would leave the others waiting; the
-sharded functions therefore validate locally, then call `agree` so that every rank
-raises the same error (naming the failing rank) instead of hanging or running on.
-Hangs inside a collective are bounded by the group's timeout (`init` sets one).
+sharded functions therefore validate locally, then call `agree` (pyfk.engine.collectives,
+the rule shared with sharded extraction) so that every rank raises the same error (naming
+the failing rank) instead of hanging or running on. Hangs inside a collective are bounded
+by the group's timeout (`init` sets one).
 """
 
 from __future__ import annotations
@@ -23,17 +24,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pyfk.engine.collectives import RankFailed, agree, initialized, rank_and_world  # noqa: F401 - re-exported
 from pyfk.engine.topk_state import TopK
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
-
-
-class RankFailed(RuntimeError):
-    """Raised on every rank when one rank of the group failed (its message is included)."""
-
-
-def initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def init(backend: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> bool:
@@ -49,13 +43,6 @@ def init(backend: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEO
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend=backend, timeout=timeout)
     return True
-
-
-def rank_and_world(group=None) -> tuple[int, int]:
-    """(rank, world size) in `group`; (0, 1) without an initialised process group."""
-    if not initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def _device(group=None, device=None) -> torch.device:
@@ -82,33 +69,6 @@ def shard_offsets(local_n: int, group=None, device=None) -> np.ndarray:
     """(world + 1,) int64: offsets[q] = first global row of rank q's shard, offsets[-1] = N."""
     sizes = all_gather_tensor(torch.tensor([int(local_n)], dtype=torch.int64), group, device)
     return np.concatenate([[0], np.cumsum([int(s[0]) for s in sizes])]).astype(np.int64)
-
-
-def agree(error: BaseException | None, group=None, device=None) -> None:
-    """Collective error check: if any rank passes an exception, every rank raises --
-    the same type when it is ValueError/TypeError (bad input), otherwise RankFailed --
-    with the first failing rank's message. Call it after each rank validated its inputs."""
-    rank, world = rank_and_world(group)
-    if world == 1:
-        if error is not None:
-            raise error
-        return
-    flags = all_gather_tensor(torch.tensor([0 if error is None else 1], dtype=torch.int64), group, device)
-    failed = [q for q, f in enumerate(flags) if int(f[0])]
-    if not failed:
-        return
-    messages: list = [None] * world
-    dist.all_gather_object(messages, None if error is None else (type(error).__name__, str(error)), group=group)
-    first = failed[0]
-    kind, message = messages[first]
-    if error is not None and rank == first:
-        raise error
-    text = f"rank {first} of {world}: {message}"
-    if kind == "ValueError":
-        raise ValueError(text)
-    if kind == "TypeError":
-        raise TypeError(text)
-    raise RankFailed(f"{kind} on {text}")
 
 
 def merge_topk(state: TopK, group=None, device=None) -> TopK:

@@ -46,12 +46,12 @@ import numbers
 import os
 import re
 import stat
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
-import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler, Subset
 
+from pyfk.engine.collectives import RankFailed, collective, rank_and_world  # noqa: F401 - RankFailed re-exported
 from pyfk.engine.descriptors import Descriptors
 from pyfk.features.extraction import Extraction
 from pyfk.features.store import DescriptorStore, check_store_target
@@ -66,12 +66,6 @@ STORE_MANIFEST = "manifest.json"  # a plain DescriptorStore's (pyfk.features.sto
 _SHARD = re.compile(r"shard-([0-9]{5,})-of-([0-9]{5,})\Z")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-
-
-class RankFailed(RuntimeError):
-    """Raised on the other ranks when one rank of a sharded extraction or open failed with an error
-    other than ValueError/TypeError (its type, rank and message are in the text). Mirrors
-    pyfk.distributed.comm.RankFailed, which pyfk.features (a lower layer) cannot import."""
 
 
 # ----------------------------------------------------------------------------- layout of a sharded store
@@ -93,56 +87,7 @@ def split_rows(n: int, world: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- collectives (torch.distributed)
 
-def rank_and_world(group=None) -> tuple[int, int]:
-    """(rank, world size) in `group`; (0, 1) without an initialised process group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise ValueError("group: this process is not a member of the process group it was given")
-    return rank, dist.get_world_size(group)
-
-
-def _message(exc: BaseException) -> str:
-    text = str(exc)
-    return text if len(text) <= 4000 else text[:4000] + "..."
-
-
-def collective(step: Callable[[], Any], group=None, gather: bool = False):
-    """Run `step` on this rank, then check every rank's outcome (collective: every rank of
-    `group` calls it, in the same order). If any rank raised, every rank raises: its own
-    exception where it failed, else the first failing rank's message as ValueError/TypeError
-    (when that is what it raised) or RankFailed. Returns this rank's value, or with `gather`
-    every rank's value in rank order (values must then be picklable). One all_gather_object:
-    on NCCL, the rank's CUDA device must be set (torch.cuda.set_device), as for any object
-    collective. A rank that dies instead of raising breaks the group's connections: the others
-    get torch.distributed's error (gloo: at once) or its timeout."""
-    try:
-        value, error = step(), None
-    except BaseException as exc:  # noqa: BLE001 - raised again below, on every rank
-        value, error = None, exc
-    rank, world = rank_and_world(group)
-    if world == 1:
-        if error is not None:
-            raise error
-        return [value] if gather else value
-    outcome = (("ok", value if gather else None) if error is None
-               else ("error", type(error).__name__, _message(error)))
-    outcomes: list = [None] * world
-    dist.all_gather_object(outcomes, outcome, group=group)
-    failed = [q for q, o in enumerate(outcomes) if o[0] == "error"]
-    if failed:
-        if error is not None:
-            raise error
-        first = failed[0]
-        _, kind, message = outcomes[first]
-        text = f"rank {first} of {world}: {message}"
-        if kind == "ValueError":
-            raise ValueError(text)
-        if kind == "TypeError":
-            raise TypeError(text)
-        raise RankFailed(f"{kind} on {text}")
-    return [o[1] for o in outcomes] if gather else value
+# rank_and_world, collective and RankFailed: pyfk.engine.collectives (shared with pyfk.distributed).
 
 
 # ----------------------------------------------------------------------------- sharded extraction
