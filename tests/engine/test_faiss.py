@@ -11,8 +11,6 @@ import torch
 
 pytest.importorskip("faiss")
 
-from oracle import assert_valid_topk, similarity64  # noqa: E402
-
 import pyfk  # noqa: E402
 from pyfk.engine import registry  # noqa: E402
 from pyfk.engine.descriptors import normalized_block  # noqa: E402
@@ -20,6 +18,7 @@ from pyfk.engine.kernels import faiss as fb  # noqa: E402
 from pyfk.engine.kernels import faiss_ann as fa  # noqa: E402
 from pyfk.engine.layout import Layout  # noqa: E402
 from pyfk.engine.topk_state import TopK  # noqa: E402
+from tests.oracle import assert_valid_topk, similarity64  # noqa: E402
 
 ANN_RECALL_FLOOR = 0.9  # recall@10 of faiss_ann on the clustered set below (measured ~0.99)
 
