@@ -48,11 +48,10 @@ from pyfk.engine.search import (
     check_representable,
     check_state_memory,
     greedy_k_centre,
-    rank_major,
     search,
 )
 from pyfk.engine.topk_state import TopK
-from pyfk.errors import check_choice, check_index_set, check_int, check_labels
+from pyfk.errors import check_choice, check_index_set, check_int
 
 __all__ = ["select", "topk"]
 
@@ -198,6 +197,28 @@ def _sharded_search(queries: Descriptors, pool, k: int, combine: str, normalize:
     return comm.merge_topk(state, group)
 
 
+def _parse(queries, qname: str, local_pool, combine, normalize, backend, options, group, *, queries_first: bool):
+    """The first collective step of topk/select: (queries, this rank's pool, backend, options,
+    shard offsets), every rank raising the same error if any rank's arguments are bad.
+    queries_first: which argument is checked first (pyfk.topk checks queries, pyfk.select the pool)."""
+    def parse():
+        if queries_first:
+            q, p = as_descriptors(queries, qname), as_descriptors(local_pool, POOL)
+        else:
+            p = as_descriptors(local_pool, POOL)
+            q = as_descriptors(queries, qname)
+        check_choice(combine, "combine", COMBINES)
+        check_choice(normalize, "normalize", NORMALIZES)
+        _check_pair(q, p, combine, qname)
+        b = resolve(backend, p.device)
+        return q, p, b, b.resolve_options(options)
+
+    parsed, error = _attempt(parse)
+    _agree(error, group)
+    q, p, b, opts = parsed
+    return q, p, b, opts, comm.shard_offsets(p.n, group)
+
+
 def _progress(progress, rank: int):
     """One progress bar per group (rank 0's), not one per rank on the same terminal."""
     return progress if rank == 0 else False
@@ -223,19 +244,8 @@ def topk(queries, local_pool, k: int = 32, combine: str = "product", normalize: 
         return engine.topk(queries, local_pool, k, combine, normalize, backend, exclude=exclude,
                            progress=progress, options=options)
 
-    def parse():
-        q = as_descriptors(queries, "queries")
-        p = as_descriptors(local_pool, POOL)
-        check_choice(combine, "combine", COMBINES)
-        check_choice(normalize, "normalize", NORMALIZES)
-        _check_pair(q, p, combine, "queries")
-        b = resolve(backend, p.device)
-        return q, p, b, b.resolve_options(options)
-
-    parsed, error = _attempt(parse)
-    _agree(error, group)
-    q, p, b, opts = parsed
-    offsets = comm.shard_offsets(p.n, group)
+    q, p, b, opts, offsets = _parse(queries, "queries", local_pool, combine, normalize, backend, options, group,
+                                    queries_first=True)
 
     def validate():
         if offsets[-1] == 0:
@@ -266,21 +276,6 @@ def topk(queries, local_pool, k: int = 32, combine: str = "product", normalize: 
 
 # ----------------------------------------------------------------------------- selection
 
-def _query_rows(val: Descriptors, val_labels, val_pred, use_all) -> tuple[np.ndarray, bool]:
-    """Step 1 of the acquisition, as pyfk.engine.search.select: the validation rows to query,
-    and whether the model made no error (all rows are queried instead; the caller warns)."""
-    if use_all or val_labels is None or val_pred is None:
-        if not use_all and (val_labels is None) != (val_pred is None):
-            raise ValueError("val_labels/val_pred: give both (to query the errors) or neither")
-        return np.arange(val.n, dtype=np.int64), False
-    y = check_labels(val_labels, "val_labels", val.n)
-    y_hat = check_labels(val_pred, "val_pred", val.n)
-    rows = np.flatnonzero(y != y_hat).astype(np.int64)
-    if rows.size == 0:
-        return np.arange(val.n, dtype=np.int64), True
-    return rows, False
-
-
 def select(local_pool, val, budget: int, val_labels=None, val_pred=None, k: int | None = None,
            combine: str = "product", normalize: str = "pcc", seed: int = 0, exclude=None, backend: str = "auto",
            *, use_all: bool = False, return_details: bool = False, group=None, options=None, progress=None):
@@ -303,19 +298,8 @@ def select(local_pool, val, budget: int, val_labels=None, val_pred=None, k: int 
                              backend, use_all=use_all, return_details=return_details, progress=progress,
                              options=options)
 
-    def parse():
-        p = as_descriptors(local_pool, POOL)
-        v = as_descriptors(val, "val")
-        check_choice(combine, "combine", COMBINES)
-        check_choice(normalize, "normalize", NORMALIZES)
-        _check_pair(v, p, combine, "val")
-        b = resolve(backend, p.device)
-        return p, v, b, b.resolve_options(options)
-
-    parsed, error = _attempt(parse)
-    _agree(error, group)
-    p, v, b, opts = parsed
-    offsets = comm.shard_offsets(p.n, group)
+    v, p, b, opts, offsets = _parse(val, "val", local_pool, combine, normalize, backend, options, group,
+                                    queries_first=False)
 
     def validate():
         if offsets[-1] == 0:
@@ -332,7 +316,7 @@ def select(local_pool, val, budget: int, val_labels=None, val_pred=None, k: int 
         for flag, value in (("use_all", use_all), ("return_details", return_details)):
             if not isinstance(value, (bool, np.bool_)):
                 raise TypeError(f"{flag}: expected True or False, got {type(value).__name__} {value!r}")
-        queries, no_error = _query_rows(v, val_labels, val_pred, use_all)
+        queries, no_error = engine.query_rows(v, val_labels, val_pred, use_all)
         v.check_finite("val")
         check_pool_finite(p, b, combine, shard.excluded, name=POOL)
         if n_pick < len(queries):  # k-centre computes R(v, v') among the validation rows
@@ -372,16 +356,7 @@ def select(local_pool, val, budget: int, val_labels=None, val_pred=None, k: int 
     if n_pick < len(queries):  # the same validation set gives the same centres on every rank
         _check_same([("val (its k-centre reduction)", _indices(centres))], group)
     centre_desc = v.take(centres)
-    available = shard.total_available
     show = _progress(progress, rank)
-    while True:
-        state = _sharded_search(centre_desc, pool, kk, combine, normalize, b, shard, show, opts, group)
-        s_np, i_np = state.scores.cpu().numpy(), state.index.cpu().numpy()
-        chosen, where = rank_major(s_np, i_np, n_pick)
-        if len(chosen) == n_pick or kk == available:
-            break
-        kk = min(available, 2 * kk)
-    if not return_details:
-        return chosen
-    return {"indices": chosen, "centres": centres, "centre": centres[where[:, 0]], "rank": where[:, 1],
-            "score": s_np[where[:, 0], where[:, 1]], "k": kk}
+    return engine.rank_major_picks(lambda kk: _sharded_search(centre_desc, pool, kk, combine, normalize, b, shard,
+                                                              show, opts, group),
+                                   centres, kk, n_pick, shard.total_available, return_details)

@@ -358,6 +358,39 @@ def rank_major(scores: np.ndarray, index: np.ndarray, budget: int) -> tuple[np.n
     return np.asarray(chosen, dtype=np.int64), np.asarray(where, dtype=np.int64).reshape(-1, 2)
 
 
+def query_rows(val: Descriptors, val_labels, val_pred, use_all) -> tuple[np.ndarray, bool]:
+    """Step 1 of select: the validation rows to query -- the errors (val_pred != val_labels), or
+    every row if use_all or labels/predictions are not given -- and whether the model made no
+    error (every row is queried instead; the caller warns)."""
+    if use_all or val_labels is None or val_pred is None:
+        if not use_all and (val_labels is None) != (val_pred is None):
+            raise ValueError("val_labels/val_pred: give both (to query the errors) or neither")
+        return np.arange(val.n, dtype=np.int64), False
+    y = check_labels(val_labels, "val_labels", val.n)
+    y_hat = check_labels(val_pred, "val_pred", val.n)
+    rows = np.flatnonzero(y != y_hat).astype(np.int64)
+    if rows.size == 0:
+        return np.arange(val.n, dtype=np.int64), True
+    return rows, False
+
+
+def rank_major_picks(search_k, centres: np.ndarray, k: int, budget: int, available: int, return_details: bool):
+    """Steps 3-4 of select: `search_k(k)` -> the centres' TopK over the available pool;
+    rank-major pick of `budget` distinct rows, k doubling (up to `available`) until enough.
+    Returns the picks, or with return_details select's dict."""
+    while True:
+        state = search_k(k)
+        s_np, i_np = state.scores.cpu().numpy(), state.index.cpu().numpy()
+        chosen, where = rank_major(s_np, i_np, budget)
+        if len(chosen) == budget or k == available:
+            break
+        k = min(available, 2 * k)
+    if not return_details:
+        return chosen
+    return {"indices": chosen, "centres": centres, "centre": centres[where[:, 0]], "rank": where[:, 1],
+            "score": s_np[where[:, 0], where[:, 1]], "k": k}
+
+
 DEFAULT_K = 32
 
 
@@ -397,18 +430,10 @@ def select(pool: Descriptors, val: Descriptors, budget: int, val_labels=None, va
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{flag}: expected True or False, got {type(value).__name__} {value!r}")
 
-    if use_all or val_labels is None or val_pred is None:
-        if not use_all and (val_labels is None) != (val_pred is None):
-            raise ValueError("val_labels/val_pred: give both (to query the errors) or neither")
-        queries = np.arange(val.n, dtype=np.int64)
-    else:
-        y = check_labels(val_labels, "val_labels", val.n)
-        y_hat = check_labels(val_pred, "val_pred", val.n)
-        queries = np.flatnonzero(y != y_hat).astype(np.int64)
-        if queries.size == 0:
-            warnings.warn("select: the model makes no error on the validation set; "
-                          "querying with every validation example instead", stacklevel=2)
-            queries = np.arange(val.n, dtype=np.int64)
+    queries, no_error = query_rows(val, val_labels, val_pred, use_all)
+    if no_error:
+        warnings.warn("select: the model makes no error on the validation set; "
+                      "querying with every validation example instead", stacklevel=2)
     b = resolve(backend, pool.device)
     opts = b.resolve_options(options)
     val.check_finite("val")
@@ -427,15 +452,5 @@ def select(pool: Descriptors, val: Descriptors, budget: int, val_labels=None, va
     search_rows = None if available == pool.n else rows
     p_parts, layout = Layout.of(pool, combine)
     prepared = b.prepare(p_parts, layout, normalize)  # once, reused if k has to grow
-    kk = k
-    while True:
-        state = search(centre_desc, prepared, kk, combine, normalize, b, search_rows, progress, opts)
-        s_np, i_np = state.scores.cpu().numpy(), state.index.cpu().numpy()
-        chosen, where = rank_major(s_np, i_np, budget)
-        if len(chosen) == budget or kk == available:
-            break
-        kk = min(available, 2 * kk)
-    if not return_details:
-        return chosen
-    return {"indices": chosen, "centres": centres, "centre": centres[where[:, 0]], "rank": where[:, 1],
-            "score": s_np[where[:, 0], where[:, 1]], "k": kk}
+    return rank_major_picks(lambda kk: search(centre_desc, prepared, kk, combine, normalize, b, search_rows,
+                                              progress, opts), centres, k, budget, available, return_details)
