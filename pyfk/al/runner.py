@@ -39,12 +39,10 @@ version written and synced, not yet renamed into place). Not for normal use.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import dataclasses
 import difflib
-import hashlib
 import io
 import json
 import math
@@ -57,14 +55,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from pyfk.al import data as datasets
 from pyfk.al import models, strategies
+from pyfk.al.inputs import _dropouts, model_inputs, predict
+from pyfk.al.inputs import seed_for as _seed_for
+from pyfk.al.inputs import torch_seeded as _torch_seeded
 from pyfk.al.strategies import Needs, PoolInputs, Strategy, ValInputs
-from pyfk.engine.descriptors import Descriptors
-from pyfk.features.extract import PSEUDO_LABELS, extract
+from pyfk.features.extract import PSEUDO_LABELS
 from pyfk.fileio import fsync_dir
 
 DEFAULT_STRATEGIES = ["random", "entropy", "var_ratio", "coreset", "badge", "pfk"]
@@ -305,27 +304,6 @@ def prepare(cfg: Config | dict) -> tuple[Config, datasets.Dataset, datasets.Spli
     return cfg, ds, split
 
 
-# ----------------------------------------------------------------------------- seeds
-
-def _seed_for(*parts: int | str) -> int:
-    """A 32-bit seed from a tuple of non-negative ints and names (names hashed, not Python's hash())."""
-    words = []
-    for p in parts:
-        if isinstance(p, str):
-            words.append(int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little"))
-        else:
-            words.append(int(p))
-    return int(np.random.SeedSequence(words).generate_state(1)[0])
-
-
-@contextlib.contextmanager
-def _torch_seeded(seed: int):
-    """torch's global CPU RNG seeded with `seed` inside, restored to what it was on exit."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 _pauses: dict = {}
 
 
@@ -392,37 +370,6 @@ def rotation_pretrain(cfg: Config, x: torch.Tensor, classes: int, seed: int) -> 
 
 def _classifier_name(model) -> str:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
-
-
-@torch.no_grad()
-def predict(model, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    model.eval()
-    return torch.cat([torch.softmax(model(x[i:i + batch]), 1) for i in range(0, x.shape[0], batch)])
-
-
-@torch.no_grad()
-def mc_dropout(model, x: torch.Tensor, passes: int, seed: int, batch: int = 512) -> np.ndarray:
-    """(K, N, C) softmax with only the Dropout modules in train mode; the masks are drawn from
-    `seed` alone (the global RNG is left as it was)."""
-    drops = _dropouts(model)
-    if not drops:
-        raise ValueError("MC dropout: the model has no Dropout module")
-    model.eval()
-    for m in drops:
-        m.train()
-    try:
-        with _torch_seeded(seed):
-            return np.stack([predict_dropout(model, x, batch) for _ in range(passes)])
-    finally:
-        model.eval()
-
-
-def _dropouts(model) -> list:
-    return [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
-
-
-def predict_dropout(model, x, batch):
-    return torch.cat([torch.softmax(model(x[i:i + batch]), 1) for i in range(0, x.shape[0], batch)]).numpy()
 
 
 def evaluate(model, x: torch.Tensor, y: np.ndarray, classes: int, minority) -> dict:
@@ -517,42 +464,10 @@ class Run:
 
 def strategy_inputs(needs: Needs, model, cfg: Config, layers, pool_x, val_x, val_y, seed: int,
                     members=()) -> tuple[PoolInputs, ValInputs | None]:
-    """Exactly what a strategy declares it reads (`Needs`), computed from the current model:
-
-      probs, descriptors, badge, features   one pyfk.extract pass over the pool: its softmax,
-          its z/g descriptors (pseudo-labels cfg.pseudo_label; only when descriptors are read,
-          else the prediction, which needs no reference), its BADGE factors, and for
-          `features` the penultimate features h (the BADGE factor without its bias column);
-      mc_probs   passes="mc_dropout": cfg.mc_passes dropout passes of the model (K, N, C);
-                 passes="ensemble": the model's softmax and each member's, (1 + len(members), N, C);
-      val        the validation set extracted with true-label gradients (also the reference of
-                 pseudo_label="map" when descriptors are read).
-    PoolInputs.n is always the pool size (all that `random` reads).
-    `seed` seeds the extraction's MC perturbations and the MC-dropout masks (nothing else is random).
-    """
-    fields = set(needs.pool)
-    pseudo = cfg.pseudo_label if "descriptors" in fields else "argmax"
-    val_ext = None
-    if needs.val or pseudo == "map":
-        val_ext = extract(model, DataLoader(TensorDataset(val_x, torch.from_numpy(val_y)), batch_size=256),
-                          layers, with_true=True, progress=False)
-    inputs = {}
-    if fields & {"probs", "descriptors", "badge", "features"}:
-        with_badge = bool(fields & {"badge", "features"})
-        ext = extract(model, DataLoader(TensorDataset(pool_x), batch_size=256), layers,
-                      pseudo_label=pseudo, badge=with_badge, seed=_seed_for(seed, "extract"),
-                      mc_passes=cfg.mc_passes,
-                      map_reference=(val_ext.descriptors, val_y) if pseudo == "map" else None, progress=False)
-        inputs.update(probs=ext.probs, descriptors=ext.descriptors, badge=ext.badge)
-        if "features" in fields:
-            inputs["features"] = Descriptors([np.ascontiguousarray(np.asarray(ext.badge.z[0])[:, :-1])])
-    if needs.passes == "mc_dropout":
-        inputs["mc_probs"] = mc_dropout(model, pool_x, cfg.mc_passes, _seed_for(seed, "mc_dropout"))
-    elif needs.passes == "ensemble":
-        inputs["mc_probs"] = np.stack([predict(m, pool_x).numpy() for m in (model, *members)])
-    pool = PoolInputs(**{name: inputs[name] for name in needs.pool}, n=int(pool_x.shape[0]))
-    val = ValInputs.from_extraction(val_ext) if needs.val else None
-    return pool, val
+    """What the strategy reads (`Needs`) from the current model: pyfk.al.inputs.model_inputs with
+    the config's pseudo_label and mc_passes and the validation split (val_x, val_y)."""
+    return model_inputs(needs, model, pool_x, val=(val_x, val_y), layers=layers, seed=seed,
+                        pseudo_label=cfg.pseudo_label, mc_passes=cfg.mc_passes, members=members)
 
 
 def strategy_params(spec: Strategy, cfg: Config) -> dict:

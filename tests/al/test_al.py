@@ -90,10 +90,10 @@ def test_runner_computes_exactly_what_the_registry_declares(tmp_path, monkeypatc
     size), a ValInputs only where declared, K passes of the declared kind, the config's params,
     and extracts only what those need (no pool extraction for random or MC/ensemble strategies;
     the validation set only for the PFK family)."""
-    from pyfk.al import runner, strategies
+    from pyfk.al import inputs, strategies
 
     extractions, seen = [], {}
-    real_extract, real_select = runner.extract, strategies.select
+    real_extract, real_select = inputs.extract, strategies.select
 
     def counting_extract(model, loader, layers, *a, **kw):
         extractions.append("val" if kw.get("with_true") else "pool")
@@ -105,7 +105,7 @@ def test_runner_computes_exactly_what_the_registry_declares(tmp_path, monkeypatc
         extractions.clear()
         return real_select(name, pool, *a, **kw)
 
-    monkeypatch.setattr(runner, "extract", counting_extract)
+    monkeypatch.setattr(inputs, "extract", counting_extract)
     monkeypatch.setattr(strategies, "select", spy)
     cfg = al.Config.from_dict(dict(SMALL, seeds=[0], rounds=1, ensemble_size=2, train_steps=5,
                                    strategies=sorted(strategies.STRATEGIES)))
