@@ -53,7 +53,9 @@ def _batches(x, batch: int):
         for i in range(0, x.shape[0], batch):
             yield x[i:i + batch]
     else:
-        for b in x:
+        with torch.random.fork_rng(devices=[]):  # a DataLoader iterator draws a base seed from the global RNG,
+            batches = iter(x)                    # which would shift the MC-dropout masks
+        for b in batches:
             yield b[0] if isinstance(b, (tuple, list)) else b
 
 
@@ -157,6 +159,8 @@ def model_inputs(strategy: str | Needs, model: torch.nn.Module, pool, *, val=Non
     val: (inputs, labels) arrays/tensors, or a Dataset/DataLoader of (x, y); needed iff the strategy
         reads a validation set or pseudo_label="map" with descriptors; else ignored.
     seed: seeds the extraction's MC perturbations and the MC-dropout masks (nothing else is random).
+        The masks also depend on how rows are batched: an array pool is cut in 2 x batch_size rows per
+        pass, a Dataset in batch_size, a DataLoader as it batches.
     Returns (PoolInputs, ValInputs or None).
     """
     needs = STRATEGIES[strategy].needs if isinstance(strategy, str) and strategy in STRATEGIES else strategy
@@ -187,12 +191,13 @@ def model_inputs(strategy: str | Needs, model: torch.nn.Module, pool, *, val=Non
         inputs.update(probs=ext.probs, descriptors=ext.descriptors, badge=ext.badge)
         if "features" in fields:
             inputs["features"] = Descriptors([np.ascontiguousarray(np.asarray(ext.badge.z[0])[:, :-1])])
-    # a tensor pool keeps its own batching (2x the extraction's) so the runner's passes stay as they were
+    # an array pool is cut in 2 x batch_size rows for the passes (the runner's batching, kept so its
+    # rounds reproduce); a Dataset/DataLoader pool keeps its loader's batches
     passes_x = pool_x if tensor_pool else pool_loader
     if needs.passes == "mc_dropout":
-        inputs["mc_probs"] = mc_dropout(model, passes_x, mc_passes, seed_for(seed, "mc_dropout"))
+        inputs["mc_probs"] = mc_dropout(model, passes_x, mc_passes, seed_for(seed, "mc_dropout"), 2 * batch_size)
     elif needs.passes == "ensemble":
-        inputs["mc_probs"] = np.stack([predict(m, passes_x).numpy() for m in (model, *members)])
+        inputs["mc_probs"] = np.stack([predict(m, passes_x, 2 * batch_size).numpy() for m in (model, *members)])
     n = _pool_size(pool_x, pool_loader, inputs)
     pool_inputs = PoolInputs(**{name: inputs[name] for name in needs.pool}, n=n)
     return pool_inputs, (ValInputs.from_extraction(val_ext) if needs.val else None)

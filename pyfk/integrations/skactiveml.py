@@ -9,13 +9,15 @@
 
 Where the inputs come from (first that applies):
 
-- `pool=` a pyfk.PoolInputs the caller built (e.g. `pyfk.extract` on a torch model: descriptors,
-  badge factors, MC-dropout probabilities); `clf` is then ignored and X only sets the pool size.
-- `clf=` a skactiveml `SkactivemlClassifier`: `probs = clf.predict_proba(X)` on every row of X,
-  after fitting a clone on (X, y) when `fit_clf` (as skactiveml's own strategies do; the caller's
-  clf is left untouched). Only strategies that read `probs` (entropy, margin, least_confidence)
-  or nothing (random) can run this way.
+- `pool=` a pyfk.PoolInputs the caller built; `clf` is then ignored and X only sets the pool size.
+- `clf=` a skactiveml `SkactivemlClassifier`, fitted on a clone on (X, y) first when `fit_clf` (as
+  skactiveml's own strategies do; the caller's clf is left untouched): strategies that read only
+  `probs` (entropy, margin, least_confidence) use `clf.predict_proba(X)`; the others (MC dropout,
+  ensembles, coreset, badge, the PFK family) read the torch model -- the nn.Module inside the
+  classifier (e.g. `SklearnClassifier(pyfk.integrations.TorchClassifier(net))`) or `model=` --
+  over the rows of X (pyfk.al.inputs.model_inputs).
 - neither: `PoolInputs(n=len(X))`, for strategies that read nothing (random).
+The PFK family also needs `validation=` (e.g. 0.2: a seeded fifth of the labeled rows).
 
 Importing this module imports scikit-activeml (not a pyfk dependency: `pip install scikit-activeml`).
 """
@@ -23,11 +25,12 @@ from __future__ import annotations
 
 import numpy as np
 from skactiveml.base import SingleAnnotatorPoolQueryStrategy, SkactivemlClassifier
-from skactiveml.utils import MISSING_LABEL, check_equal_missing_label, unlabeled_indices
+from skactiveml.utils import MISSING_LABEL, check_equal_missing_label, labeled_indices, unlabeled_indices
 from sklearn.base import clone
 
-from pyfk.al.strategies import STRATEGIES, PoolInputs, select
+from pyfk.al.strategies import PoolInputs, ValInputs, select
 from pyfk.al.strategies.base import check_call
+from pyfk.integrations._inputs import AdapterInputs
 
 __all__ = ["PyfkQueryStrategy"]
 
@@ -36,16 +39,23 @@ class PyfkQueryStrategy(SingleAnnotatorPoolQueryStrategy):
     """Any pyfk strategy (a key of pyfk.STRATEGIES) behind skactiveml's pool query interface.
 
     strategy: the pyfk strategy name; **params: its parameters (e.g. k=, normalize= for pfk),
-    checked by pyfk at query time. missing_label: the value of y marking an unlabeled row
+    checked by pyfk at query time. model, validation, layers, mc_passes, batch_size: how the torch
+    model is read, as in pyfk.integrations._inputs.AdapterInputs (model=None: the nn.Module inside
+    clf; validation: ValInputs, (inputs, labels), a torch Dataset, a fraction in (0, 1) of the
+    labeled rows drawn from the query's seed, or a callable (clf) -> one of these).
+    missing_label: the value of y marking an unlabeled row
     (skactiveml's convention; NaN needs a float y). random_state: None, an int or a
     np.random.RandomState; each query draws pyfk's seed from `self.random_state_`, which
     `_validate_data` derives from random_state and the number of unlabeled rows, so an int
     random_state gives the same picks for the same (X, y), as in skactiveml's strategies.
     """
 
-    def __init__(self, strategy="entropy", missing_label=MISSING_LABEL, random_state=None, **params):
+    def __init__(self, strategy="entropy", missing_label=MISSING_LABEL, random_state=None, model=None,
+                 validation=None, layers="auto", mc_passes=10, batch_size=256, **params):
         super().__init__(missing_label=missing_label, random_state=random_state)
         self.strategy = strategy
+        self.model, self.validation, self.layers = model, validation, layers
+        self.mc_passes, self.batch_size = mc_passes, batch_size
         self.params = params
 
     # sklearn's get_params only sees named __init__ arguments; keep **params visible to clone().
@@ -57,14 +67,14 @@ class PyfkQueryStrategy(SingleAnnotatorPoolQueryStrategy):
         self.params.update(own)
         return super().set_params(**params) if params else self
 
-    def query(self, X, y, clf=None, fit_clf=True, pool=None, val=None, candidates=None, batch_size=1,
+    def query(self, X, y, clf=None, fit_clf=True, pool=None, candidates=None, batch_size=1,
               return_utilities=False):
         """Select `batch_size` rows of X to label next.
 
         X: (n_samples, ...) the whole pool, labeled rows included (numeric, finite). y: (n_samples,)
         labels, `missing_label` for the unlabeled rows. clf: a SkactivemlClassifier giving `probs`
         (fitted on a clone when fit_clf). pool: a pyfk.PoolInputs over the same n_samples rows
-        (takes precedence over clf). val: a pyfk.ValInputs for the strategies that read one.
+        (takes precedence over clf; `validation` must then be a ValInputs or a callable giving one).
         candidates: None (every unlabeled row) or a 1-D int array of row indices into X; rows that
         are not candidates are never picked (sample arrays are refused: pyfk selects pool rows).
 
@@ -77,8 +87,8 @@ class PyfkQueryStrategy(SingleAnnotatorPoolQueryStrategy):
         is not n_samples, and whatever pyfk.acquire refuses; TypeError for a clf or pool of the
         wrong type.
         """
-        if not isinstance(self.strategy, str) or self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy: expected one of {sorted(STRATEGIES)}, got {self.strategy!r}")
+        source = AdapterInputs(self.strategy, model=self.model, validation=self.validation, layers=self.layers,
+                               mc_passes=self.mc_passes, batch_size=self.batch_size)
         y_arr = np.asarray(y)
         if _is_nan(self.missing_label) and np.issubdtype(y_arr.dtype, np.integer):
             raise ValueError(f"y: expected a float array (NaN marks unlabeled rows, missing_label=nan), got "
@@ -91,11 +101,11 @@ class PyfkQueryStrategy(SingleAnnotatorPoolQueryStrategy):
             X, y, candidates, batch_size, return_utilities, reset=True)
         n = len(X)
 
-        inputs = self._pool_inputs(X, y, clf, fit_clf, pool, val, n)
+        seed = int(self.random_state_.randint(2**31 - 1))
+        inputs, val = self._inputs(source, X, y, clf, fit_clf, pool, n, seed)
         cand = (unlabeled_indices(y, self.missing_label_) if candidates is None
                 else np.unique(np.asarray(candidates, dtype=np.int64)))
         blocked = np.setdiff1d(np.arange(n, dtype=np.int64), cand, assume_unique=True)
-        seed = int(self.random_state_.randint(2**31 - 1))
         sel = select(self.strategy, inputs, batch_size, labeled=blocked, seed=seed, val=val, **self.params)
         if not return_utilities:
             return sel.indices
@@ -104,35 +114,45 @@ class PyfkQueryStrategy(SingleAnnotatorPoolQueryStrategy):
             utilities[b, sel.indices[b:]] = sel.scores[b:]
         return sel.indices, utilities
 
-    def _pool_inputs(self, X, y, clf, fit_clf, pool, val, n: int) -> PoolInputs:
-        needs = STRATEGIES[self.strategy].needs.pool
+    def _inputs(self, source, X, y, clf, fit_clf, pool, n: int, seed: int):
         if pool is not None:
             if not isinstance(pool, PoolInputs):
                 raise TypeError(f"pool: expected a pyfk.PoolInputs or None, got {type(pool).__name__}")
+            val = self._given_val(source, clf)
             size = check_call(self.strategy, pool, val, 0, self.params)[3]
             if size != n:
                 raise ValueError(f"pool: expected PoolInputs over the {n} rows of X, got {size} rows")
-            return pool
-        if any(field != "probs" for field in needs):
-            raise ValueError(f"pool: strategy {self.strategy!r} reads PoolInputs.{needs[0]}, which a classifier "
-                             f"cannot supply; pass pool=pyfk.PoolInputs({needs[0]}=...) over the {n} rows of X")
+            return pool, val
         if clf is None:
-            if needs:
-                raise ValueError(f"clf: strategy {self.strategy!r} needs class probabilities; pass clf= (a "
-                                 f"skactiveml SkactivemlClassifier) or pool=pyfk.PoolInputs(probs=...), got neither")
-            return PoolInputs(n=n)
+            if source.needs.pool or source.needs.val:
+                reads = list(source.needs.pool) or "a validation set"
+                raise ValueError(f"clf: strategy {self.strategy!r} reads {reads}; pass clf= (a skactiveml "
+                                 f"SkactivemlClassifier) or pool=pyfk.PoolInputs(...), got neither")
+            return PoolInputs(n=n), None
         if not isinstance(clf, SkactivemlClassifier):
             raise TypeError(f"clf: expected a skactiveml SkactivemlClassifier (e.g. SklearnClassifier), "
                             f"got {type(clf).__name__}")
         check_equal_missing_label(clf.missing_label, self.missing_label_)
         if not isinstance(fit_clf, bool):
             raise TypeError(f"fit_clf: expected a bool, got {type(fit_clf).__name__}")
-        if not needs:
-            return PoolInputs(n=n)  # random reads nothing: no need to fit or predict
+        if not source.needs.pool and not source.needs.val:
+            return PoolInputs(n=n), None  # random reads nothing: no need to fit or predict
         if fit_clf:
             clf = clone(clf).fit(X, y)
-        probs = np.asarray(clf.predict_proba(X), dtype=np.float64)
-        return PoolInputs(probs=probs)
+        labeled = labeled_indices(y, self.missing_label_)
+        return source(clf, np.asarray(X), seed=seed, labeled=lambda: (np.asarray(X)[labeled], np.asarray(y)[labeled]),
+                      probs=lambda: clf.predict_proba(X))
+
+    def _given_val(self, source, clf):
+        """The ValInputs to use with a caller's PoolInputs (validation given ready-made)."""
+        if not source.needs.val:
+            return None
+        val = self.validation
+        val = val(clf) if callable(val) and not isinstance(val, ValInputs) else val
+        if not isinstance(val, ValInputs):
+            raise TypeError(f"validation: with pool=, expected a pyfk.ValInputs or a callable (clf) -> ValInputs, "
+                            f"got {type(val).__name__}")
+        return val
 
 
 def _is_nan(value) -> bool:

@@ -60,8 +60,11 @@ class TorchClassifier(ClassifierMixin, BaseEstimator):
         self.fits_ = 0
         return self
 
-    def fit(self, X, y):
-        """Train a fresh copy of `module` on (X, y); returns self."""
+    def fit(self, X, y, sample_weight=None):
+        """Train a fresh copy of `module` on (X, y); returns self. sample_weight: None only (small-text
+        passes it)."""
+        if sample_weight is not None:
+            raise ValueError("sample_weight: TorchClassifier trains unweighted; expected None, got weights")
         self.initialize()
         return self.partial_fit(X, y)
 

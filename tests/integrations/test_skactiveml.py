@@ -98,12 +98,16 @@ def test_errors(digits):
         PyfkQueryStrategy("entropy").query(X, y, clf=_clf(), candidates=X[:20])
     with pytest.raises(ValueError, match="y: expected a float array"):
         PyfkQueryStrategy("random").query(X, y_true)
-    with pytest.raises(ValueError, match="pool: strategy 'pfk' reads PoolInputs.descriptors"):
+    with pytest.raises(ValueError, match="validation: strategy 'pfk' reads a validation set"):
         PyfkQueryStrategy("pfk").query(X, y, clf=_clf())
-    with pytest.raises(ValueError, match="pool: strategy 'bald' reads PoolInputs.mc_probs"):
+    with pytest.raises(TypeError, match="model: found no torch.nn.Module inside SklearnClassifier"):
+        PyfkQueryStrategy("pfk", validation=0.2).query(X, y, clf=_clf())
+    with pytest.raises(TypeError, match="model: found no torch.nn.Module"):
         PyfkQueryStrategy("bald").query(X, y, clf=_clf())
-    with pytest.raises(ValueError, match="clf: strategy 'entropy' needs class probabilities"):
+    with pytest.raises(ValueError, match="clf: strategy 'entropy' reads"):
         PyfkQueryStrategy("entropy").query(X, y)
+    with pytest.raises(TypeError, match="validation: with pool=, expected a pyfk.ValInputs"):
+        PyfkQueryStrategy("pfk", validation=0.2).query(X, y, pool=pyfk.PoolInputs(n=len(X)))
     with pytest.raises(ValueError, match="strategy: expected one of"):
         PyfkQueryStrategy("nope").query(X, y)
     with pytest.raises(TypeError, match="clf: expected a skactiveml SkactivemlClassifier"):
@@ -126,5 +130,47 @@ def test_params_survive_clone():
     qs = PyfkQueryStrategy("pfk", random_state=1, k=5, normalize="l2")
     c = clone(qs)
     assert c.params == {"k": 5, "normalize": "l2"} and c.strategy == "pfk" and c.random_state == 1
+    assert c.validation is None and c.layers == "auto" and c.mc_passes == 10
     c.set_params(k=9, random_state=2)
     assert c.params["k"] == 9 and c.random_state == 2
+
+
+def _net(seed=0):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                               torch.nn.Linear(32, 10))
+
+
+@pytest.mark.parametrize("strategy,validation", [("bald", None), ("badge", None), ("coreset", None),
+                                                 ("pfk", "split"), ("pfk", 0.25)])
+def test_torch_classifier_loop_reads_the_module(digits, strategy, validation):
+    """SklearnClassifier(TorchClassifier(net)): pyfk reads the module of the clone it fits, and every
+    round's picks equal pyfk.acquire on inputs computed independently from that module."""
+    from pyfk.al.inputs import holdout, model_inputs
+    from pyfk.integrations import TorchClassifier
+
+    X, y_true, y = digits
+    y = y.copy()
+    x_all, y_all = load_digits(return_X_y=True)
+    split = (x_all[600:700] / 16.0, y_all[600:700])
+    val = split if validation == "split" else validation
+    clf = SklearnClassifier(TorchClassifier(_net(), epochs=15, lr=1e-2), classes=range(10))
+    for random_state in range(2):
+        qs = PyfkQueryStrategy(strategy, random_state=random_state, validation=val)
+        mirror = clone(qs)
+        idx = qs.query(X, y, clf=clf, batch_size=8)
+        assert idx.shape == (8,) and len(np.unique(idx)) == 8 and not is_labeled(y[idx]).any()
+
+        mirror._validate_data(X, y, None, 8, False)
+        seed = int(mirror.random_state_.randint(2**31 - 1))
+        fitted = clone(clf).fit(X, y)
+        want_val = val
+        if isinstance(val, float):
+            lab = labeled_indices(y)
+            rows = holdout(np.arange(len(lab)), val, seed)
+            want_val = (X[lab][rows], y[lab][rows])
+        pool, val_inputs = model_inputs(strategy, fitted.estimator_.module_, X, val=want_val, seed=seed)
+        ref = pyfk.acquire(strategy, pool, 8, labeled=labeled_indices(y), seed=seed, val=val_inputs)
+        np.testing.assert_array_equal(idx, ref.indices)
+        y[idx] = y_true[idx]

@@ -84,24 +84,33 @@ def test_rounds_use_different_seeds(digits):
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="inputs: strategy 'badge' needs"):
-        PyfkQueryStrategy("badge")
-    with pytest.raises(ValueError, match="inputs: strategy 'bald' needs"):
-        PyfkQueryStrategy("bald")
-    with pytest.raises(ValueError, match="val: strategy 'pfk' needs"):
-        PyfkQueryStrategy("pfk", inputs=lambda clf, ds, s: None)
-    with pytest.raises(ValueError, match="val: strategy 'pfk' needs"):
+    with pytest.raises(ValueError, match="validation: strategy 'pfk' reads a validation set"):
         PyfkQueryStrategy()
+    with pytest.raises(ValueError, match="validation: strategy 'pcc' reads"):
+        PyfkQueryStrategy("pcc", inputs=lambda clf, ds, s: None)
     with pytest.raises(ValueError, match="strategy: expected one of"):
         PyfkQueryStrategy("nope")
     with pytest.raises(ValueError, match="unknown parameter"):
         PyfkQueryStrategy("entropy", bogus=1)
     with pytest.raises(TypeError, match="seed"):
         PyfkQueryStrategy("entropy", seed=1.5)
-    with pytest.raises(TypeError, match="val: expected"):
-        PyfkQueryStrategy("entropy", val=3)
+    with pytest.raises(TypeError, match="validation: expected"):
+        PyfkQueryStrategy("pfk", validation="val.npz")
+    with pytest.raises(ValueError, match="validation: expected a fraction in"):
+        PyfkQueryStrategy("pfk", validation=1.5)
     with pytest.raises(TypeError, match="inputs: expected"):
         PyfkQueryStrategy("entropy", inputs="probs")
+    with pytest.raises(TypeError, match="model: expected"):
+        PyfkQueryStrategy("badge", model="resnet18")
+    with pytest.raises(ValueError, match="model: strategy 'ensemble_bald' reads an ensemble"):
+        PyfkQueryStrategy("ensemble_bald")
+
+
+def test_descriptor_strategy_without_a_torch_model_names_model(digits):
+    x, y = digits
+    learner = _learner(x, y, PyfkQueryStrategy("badge"))  # a LinearSVC: nothing for pyfk to read
+    with pytest.raises(TypeError, match="model: found no torch.nn.Module inside SklearnClassifier"):
+        learner.query(num_samples=5)
 
 
 def test_inputs_must_return_pool_inputs(digits):
@@ -150,9 +159,74 @@ def test_inputs_from_torch_descriptors(strategy):
     def val(clf):
         return pyfk.ValInputs.from_extraction(pyfk.extract(model, loader(xv, yv), with_true=True, progress=False))
 
-    qs = PyfkQueryStrategy(strategy, seed=SEED, inputs=inputs, val=val if strategy == "pfk" else None)
+    qs = PyfkQueryStrategy(strategy, seed=SEED, inputs=inputs, validation=val if strategy == "pfk" else None)
     learner = _learner(x, y, qs)
     picks = learner.query(num_samples=8)
     assert len(picks) == 8 and len(set(picks.tolist())) == 8
     assert not np.isin(picks, learner.indices_labeled).any() and not np.isin(picks, IGNORED).any()
     assert qs.last.strategy == strategy and np.isfinite(qs.last.scores).all()
+
+
+def _net(seed=0):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                               torch.nn.Linear(32, 10))
+
+
+class RecordingInputs(PyfkQueryStrategy):
+    """Computes, at each query, the expected picks independently: pyfk.al.inputs.model_inputs on the
+    classifier's module and the same seed, then pyfk.acquire."""
+
+    def __init__(self, *args, expect_val=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.expect_val, self.checked = expect_val, 0
+
+    def query(self, clf, dataset, indices_unlabeled, indices_labeled, y, n=10):
+        from pyfk.al.inputs import holdout, model_inputs
+
+        seed = SEED + len(indices_labeled)
+        val = self.expect_val
+        if isinstance(val, float):
+            rows = holdout(np.arange(len(y)), val, seed)
+            val = (dataset.x[np.asarray(indices_labeled)[rows]], np.asarray(y)[rows])
+        pool, val_inputs = model_inputs(self.strategy, clf.model.module_, dataset.x, val=val, seed=seed)
+        blocked = np.setdiff1d(np.arange(len(dataset)), indices_unlabeled)
+        want = pyfk.acquire(self.strategy, pool, n, labeled=blocked, seed=seed, val=val_inputs, **self.params)
+        picks = super().query(clf, dataset, indices_unlabeled, indices_labeled, y, n=n)
+        np.testing.assert_array_equal(picks, want.indices)
+        self.checked += 1
+        return picks
+
+
+@pytest.mark.parametrize("strategy,validation", [("bald", None), ("badge", None), ("coreset", None),
+                                                 ("pfk", "split"), ("pfk", 0.25), ("pfk_sum", "split")])
+def test_torch_classifier_loop_reads_the_module(digits, strategy, validation):
+    """A TorchClassifier behind small-text's SklearnClassifier: pyfk finds its module and every round's
+    picks equal pyfk.acquire on inputs computed independently from that module."""
+    from pyfk.integrations import TorchClassifier
+
+    x_all, y_all = load_digits(return_X_y=True)
+    x, y = x_all[:600] / 16.0, y_all[:600]
+    split = (x_all[600:700] / 16.0, y_all[600:700])
+    val = split if validation == "split" else validation
+    qs = RecordingInputs(strategy, seed=SEED, validation=val, expect_val=val)
+    factory = SklearnClassifierFactory(TorchClassifier(_net(), epochs=15, lr=1e-2, seed=0), 10)
+    learner = PoolBasedActiveLearner(factory, qs, SklearnDataset(x, y, target_labels=np.arange(10)))
+    init = np.concatenate([np.flatnonzero(y == c)[:2] for c in range(10)])
+    learner.initialize_data(init, y[init], indices_ignored=IGNORED)
+    for _ in range(2):
+        picks = learner.query(num_samples=8)
+        assert len(picks) == 8 and len(set(picks.tolist())) == 8
+        assert not np.isin(picks, learner.indices_labeled).any() and not np.isin(picks, IGNORED).any()
+        learner.update(y[picks])
+    assert qs.checked == 2 and qs.last.strategy == strategy
+
+
+def test_ensemble_through_model_list(digits):
+    x, y = digits
+    members = [_net(0), _net(1), _net(2)]
+    qs = PyfkQueryStrategy("ensemble_entropy", seed=SEED, model=members)
+    learner = _learner(x, y, qs)
+    picks = learner.query(num_samples=6)
+    assert len(set(picks.tolist())) == 6 and qs.last.strategy == "ensemble_entropy"
