@@ -123,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     from pyfk import cli_select
 
     cli_select.add_parser(sub, _positive)
+    from pyfk import cli_audit
+
+    cli_audit.add_parser(sub, _positive)
     _add_plan(sub)
     return parser
 

@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parents[2] / "pyfk"
 LAYERS = {"pyfk.errors": 0, "pyfk.fileio": 0, "pyfk._version": 0, "pyfk.testing": 0, "pyfk.engine": 1,
           "pyfk.features": 2, "pyfk.al": 3, "pyfk.distributed": 4, "pyfk.api": 4, "pyfk.integrations": 5,
           "pyfk.bench": 5, "pyfk.plan": 5,
-          "pyfk.bench_extract": 5, "pyfk.cli": 6, "pyfk.cli_select": 6,
+          "pyfk.bench_extract": 5, "pyfk.cli": 6, "pyfk.cli_select": 6, "pyfk.cli_audit": 6,
           "pyfk.__main__": 7, "pyfk": 8}
 
 
