@@ -205,6 +205,40 @@ def _folder(root: str) -> Dataset:
                    len(folder.classes))
 
 
+NOISE_KINDS = ("symmetric", "class_conditional")
+
+
+def inject_label_noise(labels, rate: float, kind: str = "symmetric", *, classes: int | None = None,
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Wrong labels at an exact rate: (noisy labels, the sorted rows whose label was changed).
+
+    Exactly round(rate * n) rows, drawn without replacement from `seed`, get a label other than
+    their own: kind="symmetric" a class drawn uniformly from the C - 1 others; kind=
+    "class_conditional" the next class, c -> (c + 1) mod C (pair flipping: the noise depends on the
+    class, as when one class is systematically mistaken for a neighbour). labels: (n,) ints in
+    [0, C); classes: C (default max(labels) + 1, at least 2); rate in [0, 1).
+    """
+    y = np.asarray(labels)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise TypeError(f"labels: expected a 1-D integer array, got {y.dtype} of shape {y.shape}")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating)) or not 0 <= float(rate) < 1:
+        raise ValueError(f"rate: expected a fraction in [0, 1), got {rate!r}")
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"kind: expected one of {list(NOISE_KINDS)}, got {kind!r}")
+    classes = max(2, int(y.max()) + 1) if classes is None and y.size else (classes or 2)
+    if y.size and (y.min() < 0 or y.max() >= classes):
+        raise ValueError(f"labels: expected classes in [0, {classes}), got range [{y.min()}, {y.max()}]")
+    rng = np.random.default_rng(seed)
+    count = int(round(float(rate) * len(y)))
+    rows = np.sort(rng.choice(len(y), size=count, replace=False)) if count else np.zeros(0, dtype=np.int64)
+    noisy = y.astype(np.int64).copy()
+    if kind == "symmetric":
+        noisy[rows] = (noisy[rows] + rng.integers(1, classes, size=count)) % classes
+    else:
+        noisy[rows] = (noisy[rows] + 1) % classes
+    return noisy, rows.astype(np.int64)
+
+
 @dataclass
 class Split:
     """Index arrays into a Dataset, and the pool's (possibly noisy) training labels."""

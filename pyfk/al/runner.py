@@ -29,6 +29,27 @@ their random numbers at the same (seed, round) (round 0 is one model for all of 
 so they differ only through what they selected. Same machine and thread count: a
 resumed run is bit-identical to an uninterrupted one.
 
+Calibration (`calibrate: true`): every round, after the test evaluation, a temperature T is
+fitted on the validation split (pyfk.al.calibration.calibrate: the T minimising the NLL of
+softmax(logits / T) on the model's logits of val_x, read in float64, against val_y; deterministic, it
+draws no random number, so resumes stay bit-identical) and the round's record gains
+`temperature`, `ece_before` / `ece_after` (top-label ECE, 15 bins, on the validation split at
+T = 1 and at T) and `nll_before` / `nll_after` (the mean NLL there: the objective, so after <=
+before). ECE/NLL are measured on the split T was fitted on: in-sample. Where the round selects,
+T is applied to what the strategy reads as probabilities (`calibrated_inputs`): PoolInputs.probs
+(entropy, margin, least_confidence) and PoolInputs.mc_probs, every MC-dropout pass (var_ratio,
+bald, std) and every ensemble member (ensemble_*), each as softmax(log p / T) = softmax(l / T).
+T is fitted on the model with dropout off and applied as is to the dropout passes and to the
+other ensemble members. What T cannot change: any argmax -- predictions, test accuracy, the
+"argmax" pseudo-labels, var_ratio's votes (so var_ratio and ensemble_var_ratio pick the same
+rows); "map" and "true" pseudo-labels do not read probabilities at all. Not recomputed (they
+stay at T = 1): the descriptors g (loss gradients) and BADGE factors (p - onehot) of pyfk.extract,
+and "mc" pseudo-labels (argmax of a mean of perturbed softmaxes, which T could change; they are
+computed inside the extraction). So coreset, badge and the PFK family pick exactly what they
+pick without calibration. `calibrate: false` (the default) computes none of this: its records,
+results and config.json are those of a pyfk without the key (config.json leaves it out while it
+is false, so older run directories resume and match).
+
 Test-only hook: PYFK_RUN_TEST_PAUSE="<point>:<n>" makes the n-th arrival (in this
 process) at <point> print "pyfk run: test pause at <point> #<n>" to stderr and sleep,
 so that a test can kill the process exactly there. Points: "pretrain" (half-way through
@@ -57,8 +78,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pyfk.al import calibration, models, strategies
 from pyfk.al import data as datasets
-from pyfk.al import models, strategies
 from pyfk.al.inputs import _dropouts, model_inputs, predict
 from pyfk.al.inputs import seed_for as _seed_for
 from pyfk.al.inputs import torch_seeded as _torch_seeded
@@ -115,6 +136,7 @@ class Config:
     mc_passes: int = 10
     ensemble_size: int = 3  # members trained per round for the ensemble_* strategies (the first is the model)
     split_seed: int = 0
+    calibrate: bool = False  # fit a temperature on the validation split every round (module docstring)
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
@@ -219,6 +241,8 @@ def _static_problems(cfg: Config) -> list[tuple[str, str]]:
         bad("pseudo_label", f"one of {list(PSEUDO_LABELS)}")
     if not _is_int(cfg.split_seed) or not 0 <= cfg.split_seed <= _MAX_SEED:
         bad("split_seed", f"an integer in [0, {_MAX_SEED}]")
+    if not isinstance(cfg.calibrate, bool):
+        bad("calibrate", "true or false (fit a temperature on the validation split every round)")
     return out
 
 
@@ -404,6 +428,19 @@ def _atomic_json(path: str, obj, pause: str | None = None) -> None:
     _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()), pause)
 
 
+# Config keys added after run directories were made, with the value that reproduces the runs made
+# before them. config.json leaves a key out while it has that value, and a config.json without it
+# reads as that value: older run directories resume, and an older pyfk refuses (as a different
+# config) only the directories that use the key.
+_ADDED_KEYS = {"calibrate": False}
+
+
+def _config_record(cfg_dict: dict) -> dict:
+    """A config dict (as JSON) without the added keys that hold their old-behaviour value."""
+    return {k: v for k, v in cfg_dict.items()
+            if not (k in _ADDED_KEYS and type(v) is type(_ADDED_KEYS[k]) and v == _ADDED_KEYS[k])}
+
+
 class Run:
     """A run directory: config, per-(strategy, seed) committed rounds, results."""
 
@@ -411,12 +448,13 @@ class Run:
         self.path = path
         self.cfg = cfg
         cfg_file = os.path.join(path, "config.json")
-        cfg_dict = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        cfg_dict = _config_record(json.loads(json.dumps(dataclasses.asdict(cfg))))
         self.state_file = os.path.join(path, "state.json")
         self.state = {"seeding": SEEDING, "runs": {}}
         if os.path.exists(cfg_file):
             with open(cfg_file) as f:
                 old = json.load(f)
+            old = _config_record(old) if isinstance(old, dict) else old
             if old != cfg_dict:
                 diff = sorted(k for k in set(cfg_dict) | set(old) if old.get(k) != cfg_dict.get(k))
                 raise ValueError(f"run: {path} holds a run with a different config (keys {diff}); "
@@ -468,6 +506,39 @@ def strategy_inputs(needs: Needs, model, cfg: Config, layers, pool_x, val_x, val
     the config's pseudo_label and mc_passes and the validation split (val_x, val_y)."""
     return model_inputs(needs, model, pool_x, val=(val_x, val_y), layers=layers, seed=seed,
                         pseudo_label=cfg.pseudo_label, mc_passes=cfg.mc_passes, members=members)
+
+
+def calibrated_inputs(pool: PoolInputs, temperature: float) -> PoolInputs:
+    """`pool` with temperature T applied to its probabilities: probs (N, C) and mc_probs (K, N, C)
+    (every MC-dropout pass / ensemble member) become softmax(log p / T), which is softmax(l / T) for
+    p = softmax(l) (pyfk.al.calibration.temper_probs). The other fields are passed on unchanged."""
+    changes = {name: calibration.temper_probs(getattr(pool, name), temperature)
+               for name in ("probs", "mc_probs") if getattr(pool, name) is not None}
+    return dataclasses.replace(pool, **changes)
+
+
+@torch.no_grad()
+def model_logits(model, x: torch.Tensor, batch: int = 512) -> np.ndarray:
+    """(N, C) float64 logits of `model` in eval mode over the tensor x (no random number is drawn)."""
+    model.eval()
+    p = next(iter(model.parameters()), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    return torch.cat([model(x[i:i + batch].to(dev)).double().cpu() for i in range(0, x.shape[0], batch)]).numpy()
+
+
+def calibration_record(model, val_x: torch.Tensor, val_y: np.ndarray, bins: int = 15) -> dict:
+    """The temperature fitted on the validation split and what it does there: {"temperature",
+    "ece_before", "ece_after", "nll_before", "nll_after"} (ECE: top-label, `bins` equal-width bins)."""
+    val_logits = model_logits(model, val_x)
+    t = calibration.calibrate(val_logits, val_y)
+    ece = calibration.expected_calibration_error
+    return {"temperature": t,
+            "ece_before": ece(calibration.apply_temperature(val_logits, 1.0), val_y, bins=bins),
+            "ece_after": ece(calibration.apply_temperature(val_logits, t), val_y, bins=bins),
+            "nll_before": calibration.nll(val_logits, val_y), "nll_after": calibration.nll(val_logits, val_y, t)}
+
+
+CALIBRATION_KEYS = ("temperature", "ece_before", "ece_after", "nll_before", "nll_after")
 
 
 def strategy_params(spec: Strategy, cfg: Config) -> dict:
@@ -545,6 +616,8 @@ def _run(cfg: Config, ds: datasets.Dataset, split: datasets.Split, state: Run, l
                 metrics = evaluate(model, test_x, test_y, ds.classes, split.minority)
                 record = {"round": r, "labels": int(len(labeled)), **metrics, "train_seconds": round(train_s, 3),
                           "selected": [], "selection_seconds": 0.0}
+                if cfg.calibrate:
+                    record.update(calibration_record(model, val_x, val_y))
                 if r < cfg.rounds:
                     t0 = time.perf_counter()
                     spec = strategies.STRATEGIES[strategy]
@@ -554,6 +627,8 @@ def _run(cfg: Config, ds: datasets.Dataset, split: datasets.Split, state: Run, l
                                        _seed_for(seed, r, "member-train", e)) for e in range(1, cfg.ensemble_size)]
                     inputs, val = strategy_inputs(spec.needs, model, cfg, layers, pool_x, val_x, val_y,
                                                   _seed_for(seed, r, "inputs"), members)
+                    if cfg.calibrate:
+                        inputs = calibrated_inputs(inputs, record["temperature"])
                     sel = strategies.select(strategy, inputs, cfg.budget, labeled=labeled,
                                             seed=_seed_for(seed, r, "select"), val=val, **strategy_params(spec, cfg))
                     record["selection_seconds"] = round(time.perf_counter() - t0, 3)
@@ -577,9 +652,10 @@ def write_results(state: Run, split=None) -> dict:
                          "accuracy": rec["accuracy"], "minority_accuracy": rec["minority_accuracy"],
                          "majority_accuracy": rec["majority_accuracy"],
                          "selected_minority": rec.get("selected_minority", 0),
-                         "selection_seconds": rec["selection_seconds"]})
+                         "selection_seconds": rec["selection_seconds"],
+                         **{k: rec[k] for k in CALIBRATION_KEYS if k in rec}})  # calibrate: true
     text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["strategy"])
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in rows for k in row)) or ["strategy"])
     writer.writeheader()
     writer.writerows(rows)
     _atomic_write(os.path.join(state.path, "results.csv"), lambda f: f.write(text.getvalue().encode()))
@@ -600,7 +676,9 @@ def summarise(rows: list) -> dict:
         for r in sorted(by_round):
             rs = by_round[r]
             entry = {"round": r, "labels": rs[0]["labels"], "seeds": len(rs)}
-            for m in ("accuracy", "minority_accuracy", "selection_seconds", "selected_minority"):
+            metrics = ["accuracy", "minority_accuracy", "selection_seconds", "selected_minority"]
+            metrics += [k for k in CALIBRATION_KEYS if all(k in x for x in rs)]
+            for m in metrics:
                 vals = np.array([x[m] for x in rs], dtype=np.float64)
                 entry[m] = float(vals.mean())
                 entry[m + "_min"], entry[m + "_max"] = float(vals.min()), float(vals.max())
@@ -636,9 +714,13 @@ def plot(summary: dict, path: str) -> None:
 def format_table(summary: dict) -> str:
     lines = []
     for strategy, entries in summary.items():
+        calibrated = bool(entries) and all("temperature" in e for e in entries)
         lines.append(f"\n{strategy}")
-        lines.append(f"  {'round':>5} {'labels':>6} {'accuracy':>9} {'minority':>9} {'picked-min':>10} {'select s':>9}")
+        lines.append(f"  {'round':>5} {'labels':>6} {'accuracy':>9} {'minority':>9} {'picked-min':>10} {'select s':>9}"
+                     + (f" {'T':>6} {'val ECE':>15}" if calibrated else ""))
         for e in entries:
             lines.append(f"  {e['round']:>5} {e['labels']:>6} {e['accuracy']:>9.3f} {e['minority_accuracy']:>9.3f} "
-                         f"{e['selected_minority']:>10.1f} {e['selection_seconds']:>9.2f}")
+                         f"{e['selected_minority']:>10.1f} {e['selection_seconds']:>9.2f}"
+                         + (f" {e['temperature']:>6.3f} {e['ece_before']:>6.3f} -> {e['ece_after']:.3f}"
+                            if calibrated else ""))
     return "\n".join(lines)

@@ -185,3 +185,30 @@ def test_cli_writes_flagged_rows(rng, tmp_path):
     assert main(["audit", "--store", str(store), "--labels", str(tmp_path / "short.npy"), "--out", str(out)]) == 2
     assert main(["audit", "--store", str(tmp_path / "none"), "--labels", str(tmp_path / "labels.npy"),
                  "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("kind", ["symmetric", "class_conditional"])
+def test_injected_noise_rates_are_exact(rng, kind):
+    from pyfk.al.data import inject_label_noise
+
+    y = rng.integers(0, 7, 1001)
+    for rate in (0.0, 0.1, 0.2, 0.37):
+        noisy, rows = inject_label_noise(y, rate, kind, seed=11)
+        assert len(rows) == round(rate * 1001) and np.all(np.diff(rows) > 0)
+        np.testing.assert_array_equal(np.flatnonzero(noisy != y), rows)  # every chosen row changed, no other
+        if kind == "class_conditional":
+            np.testing.assert_array_equal(noisy[rows], (y[rows] + 1) % 7)
+        again, rows2 = inject_label_noise(y, rate, kind, seed=11)
+        np.testing.assert_array_equal(again, noisy)
+    _, rows = inject_label_noise(y, 0.5, "symmetric", seed=3)
+    noisy, _ = inject_label_noise(y, 0.5, "symmetric", seed=3)
+    shifts = (noisy[rows] - y[rows]) % 7
+    assert set(shifts.tolist()) == set(range(1, 7))  # every other class reachable
+    counts = np.bincount(shifts, minlength=7)[1:]
+    assert counts.min() > 0.6 * counts.mean()  # roughly uniform over the other classes
+    with pytest.raises(ValueError, match="rate: expected a fraction"):
+        inject_label_noise(y, 1.0)
+    with pytest.raises(ValueError, match="kind: expected one of"):
+        inject_label_noise(y, 0.1, "pairs")
+    with pytest.raises(TypeError, match="labels: expected a 1-D integer array"):
+        inject_label_noise(y.astype(float), 0.1)

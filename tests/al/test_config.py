@@ -61,6 +61,8 @@ BAD = [
     ({"minority": [True]}, "minority"),
     ({"pretrain_rotation": "no"}, "pretrain_rotation"),
     ({"pretrain_rotation": 1}, "pretrain_rotation"),
+    ({"calibrate": "yes"}, "calibrate"),
+    ({"calibrate": 1}, "calibrate"),
     ({"model": "resnet18", "strategies": ["entropy", "bald"]}, "strategies"),
     ({"k": 10000}, "k"),
     ({"k": 0}, "k"),
