@@ -102,7 +102,8 @@ class AdapterInputs:
 
     def __call__(self, clf, pool, *, seed: int, labeled=None, probs=None) -> tuple[PoolInputs, ValInputs | None]:
         """pool: the pool rows (array (N, ...) or torch Dataset). labeled: a callable () -> (inputs,
-        labels) of the labeled rows, read only for a fractional validation. probs: a callable () ->
+        labels) of the labeled rows, or () -> a torch Dataset of their (x, y), read only for a
+        fractional validation. probs: a callable () ->
         (N, C) probabilities, used (without a model) when the strategy reads only probabilities."""
         n = len(pool)
         if not self.reads_model:
@@ -132,9 +133,10 @@ class AdapterInputs:
             if labeled is None:
                 raise ValueError("validation: a fraction of the labeled rows needs a learner that keeps them "
                                  "(this one does not); pass validation=(inputs, labels) instead")
-            x, y = labeled()
+            data = labeled()
+            if isinstance(data, Dataset):  # yields (x, y) of the labeled rows
+                return Subset(data, holdout(np.arange(len(data)), float(v), seed).tolist())
+            x, y = data
             rows = holdout(np.arange(len(y)), float(v), seed)
-            if isinstance(x, Dataset):
-                return Subset(x, rows.tolist())
             return x[rows], np.asarray(y)[rows]
         return v
