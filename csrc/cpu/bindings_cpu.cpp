@@ -111,7 +111,11 @@ PoolArgs pool_args(const py::list& segments, const py::object& rows, const std::
     py::array a = py::reinterpret_borrow<py::array>(segments[s]);
     if (a.ndim() != 2) throw std::invalid_argument(name + ": expected a 2-D array");
     pyfk::Segment seg;
-    if (a.dtype().is(py::dtype::of<float>())) {
+    // by kind and size, not dtype identity: an unpickled or copied float32 dtype is another object
+    const std::string order = py::str(a.dtype().attr("byteorder"));
+    if (order != "=" && order != "|")
+      throw std::invalid_argument(name + ": expected native byte order, got " + std::string(py::str(a.dtype())));
+    if (a.dtype().kind() == 'f' && a.dtype().itemsize() == 4) {
       seg.dtype = pyfk::DType::f32;
     } else if (a.dtype().kind() == 'f' && a.dtype().itemsize() == 2) {
       seg.dtype = pyfk::DType::f16;
