@@ -15,20 +15,18 @@ For each labeled row i (n rows, labels y_i in [0, C)):
    ideally out-of-sample (cross-validated, as cleanlab asks); without probs, q_i = v_i. Both are
    estimates of p(true class | x_i): the vote from the kernel geometry, p_i from the classifier,
    and a convex mix keeps q a distribution;
-4. confident learning on q (Northcutt et al., JAIR 2021; cleanlab.count): per class c the
-   threshold t_c = mean of q_i[c] over rows labeled c; row i's confident class c*_i = argmax of
-   q_i[c] over the classes with q_i[c] >= t_c (none if no class reaches its threshold); the
-   confident joint C[a, b] counts rows labeled a with c* = b; calibrated so that each row a sums to
-   n_a (the rows labeled a), its off-diagonal mass estimates how many labels are wrong:
-   n_issues = round(sum_a n_a * (1 - C[a, a] / sum_b C[a, b])) (the estimate of cleanlab's
-   num_label_issues(estimation_method="off_diagonal_calibrated"), which rounds cell by cell and
-   rescales classes with no confident row, so the two counts can differ by about one per class);
-5. rank every row by self-confidence q_i[y_i], lowest first (ties: lower row first); the first
-   n_issues are *flagged*; score_i = 1 - q_i[y_i]; suggested_i = argmax of q_i over the other
-   classes for a flagged row, argmax of q_i for the rest.
-Counting from the confident joint and cutting the self-confidence ranking there uses the whole
-ranking (which the kernel vote makes sharp) and not only rows past a per-class threshold, which
-k-neighbour votes (multiples of 1/k) reach coarsely.
+4. flag row i when another class is more probable than its given label under q:
+   max_{c != y_i} q_i[c] > q_i[y_i] (cleanlab's filter_by="predicted_neq_given" applied to q);
+5. rank every row by self-confidence q_i[y_i], lowest first (ties: lower row first);
+   score_i = 1 - q_i[y_i]; suggested_i = argmax of q_i over the other classes for a flagged row,
+   argmax of q_i for the rest.
+Confident learning's statistics on q are kept as provenance: per class c the threshold t_c = mean
+q_i[c] over rows labeled c, each row's confident class (the most probable class at or above its
+threshold) and the calibrated confident-joint estimate of how many labels are wrong (n_issues, as
+cleanlab.count.num_label_issues(estimation_method="off_diagonal_calibrated") up to its per-cell
+rounding). Flagging by the argmax of q rather than by that count: on injected noise
+(benchmarks/audit_vs_cleanlab.py) the count under-shoots once the vote sharpens q, while the
+argmax rule followed the ranking's quality across noise kinds, rates and alpha.
 
 Shapes: descriptors n rows (Descriptors, DescriptorStore or Extraction); labels (n,) ints;
 probs None or (n, C) rows summing to 1. Everything returned is in rank order.
@@ -53,7 +51,7 @@ class Audit:
     """pyfk.audit's report, every array in rank order (most suspect first).
 
     indices (n,) int64 labeled rows; scores (n,) float64 = 1 - q[i, given]; given (n,) the labels
-    as given; suggested (n,) int64; flagged (n,) bool (the first n_issues); q (n, C) the
+    as given; suggested (n,) int64; flagged (n,) bool (another class beats the given one); q (n, C) the
     smoothed class probabilities; neighbours (n, k') int64 rows (k' = min(k, n - 1)) and
     neighbour_scores (n, k') float32 R, best first; provenance: k, alpha, combine, normalize,
     backend, thresholds (C,), n_issues and confident_class (n,) (-1: none; rank order).
@@ -133,10 +131,9 @@ def audit(descriptors, labels, *, probs=None, k: int = 32, alpha: float = 0.5, c
     n_issues = _issue_count(y, confident, classes)
     self_conf = q[np.arange(n), y]
     order = np.lexsort((np.arange(n), self_conf))
-    flagged = np.zeros(n, dtype=bool)
-    flagged[order[:n_issues]] = True
     other = q.copy()
     other[np.arange(n), y] = -np.inf
+    flagged = other.max(1) > self_conf
     suggested = np.where(flagged, other.argmax(1), q.argmax(1))
     prov = {"k": k_eff, "alpha": alpha, "combine": combine, "normalize": normalize, "backend": backend,
             "thresholds": thresholds, "classes": classes, "n_issues": n_issues,
