@@ -313,16 +313,22 @@ def greedy_k_centre(dist: KernelDistances, count: int, *, seed: int, initial=Non
     initial = np.zeros(0, dtype=np.int64) if initial is None else np.asarray(initial, dtype=np.int64)
     picked: list[int] = []
     scores: list[float] = []
+    excluded = None if excluded is None else np.asarray(excluded, dtype=np.int64)
     if len(initial):
         min_d2 = dist.min_d2(initial)
     else:
-        first = int(np.random.default_rng(seed).integers(n))
+        rng = np.random.default_rng(seed)
+        if excluded is not None and len(excluded):  # a uniform row among those that may be picked
+            free = np.setdiff1d(np.arange(n, dtype=np.int64), excluded)
+            first = int(free[rng.integers(len(free))])
+        else:
+            first = int(rng.integers(n))
         picked.append(first)
         scores.append(np.inf)
         min_d2 = dist.min_d2(np.array([first])) if count > 1 else np.zeros(n)
     min_d2[initial] = -np.inf
     if excluded is not None:
-        min_d2[np.asarray(excluded, dtype=np.int64)] = -np.inf
+        min_d2[excluded] = -np.inf
     min_d2[picked] = -np.inf
     while len(picked) < count:
         c = int(np.argmax(min_d2))  # first maximum: ties to the smaller row

@@ -76,7 +76,8 @@ class PyfkQueryStrategy(SingleAnnotatorPoolQueryStrategy):
         (fitted on a clone when fit_clf). pool: a pyfk.PoolInputs over the same n_samples rows
         (takes precedence over clf; `validation` must then be a ValInputs or a callable giving one).
         candidates: None (every unlabeled row) or a 1-D int array of row indices into X; rows that
-        are not candidates are never picked (sample arrays are refused: pyfk selects pool rows).
+        are not candidates are never picked nor coreset centres (pyfk `ignored=`; sample arrays are refused:
+        pyfk selects pool rows).
 
         Returns query_indices (batch_size,) indexing X, in pick order. With return_utilities, also
         utilities (batch_size, n_samples): row b is NaN except at the picks b, b+1, ... which hold
@@ -103,10 +104,13 @@ class PyfkQueryStrategy(SingleAnnotatorPoolQueryStrategy):
 
         seed = int(self.random_state_.randint(2**31 - 1))
         inputs, val = self._inputs(source, X, y, clf, fit_clf, pool, n, seed)
+        labeled = labeled_indices(y, self.missing_label_).astype(np.int64)
         cand = (unlabeled_indices(y, self.missing_label_) if candidates is None
-                else np.unique(np.asarray(candidates, dtype=np.int64)))
-        blocked = np.setdiff1d(np.arange(n, dtype=np.int64), cand, assume_unique=True)
-        sel = select(self.strategy, inputs, batch_size, labeled=blocked, seed=seed, val=val, **self.params)
+                else np.setdiff1d(np.asarray(candidates, dtype=np.int64), labeled))
+        # unlabeled rows that are not candidates: never picked, and not coreset centres as labeled rows are
+        ignored = np.setdiff1d(np.arange(n, dtype=np.int64), np.union1d(cand, labeled))
+        sel = select(self.strategy, inputs, batch_size, labeled=labeled, ignored=ignored, seed=seed, val=val,
+                     **self.params)
         if not return_utilities:
             return sel.indices
         utilities = np.full((len(sel.indices), n), np.nan)

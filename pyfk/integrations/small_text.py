@@ -49,7 +49,8 @@ class PyfkQueryStrategy(QueryStrategy):
     params: the strategy's keyword parameters (see STRATEGIES[strategy].params).
 
     `query` returns the picked indices (int64, relative to `dataset`, in pick order); every row not
-    in `indices_unlabeled` -- labeled or ignored by small-text -- is excluded. The Selection of the
+    in `indices_unlabeled` is excluded: the labeled rows as pyfk's `labeled` (coreset's centres), the
+    rows small-text ignores as `ignored` (neither picked nor centres). The Selection of the
     last query (scores, provenance) is kept on `self.last`.
     """
 
@@ -81,8 +82,11 @@ class PyfkQueryStrategy(QueryStrategy):
             pool, val = self.source(clf, rows, seed=seed, labeled=lambda: (_take(rows, labeled), np.asarray(y)),
                                     probs=lambda: clf.predict_proba(dataset))
         unlabeled = np.asarray(indices_unlabeled, dtype=np.int64).reshape(-1)
-        blocked = np.setdiff1d(np.arange(size, dtype=np.int64), unlabeled)  # labeled and ignored rows
-        self.last = select(self.strategy, pool, n, labeled=blocked, seed=seed, val=val, **self.params)
+        labeled = np.unique(np.asarray(indices_labeled, dtype=np.int64).reshape(-1))
+        # small-text's ignored rows: never picked, and not coreset centres as the labeled rows are
+        ignored = np.setdiff1d(np.arange(size, dtype=np.int64), np.union1d(unlabeled, labeled))
+        self.last = select(self.strategy, pool, n, labeled=labeled, ignored=ignored, seed=seed, val=val,
+                           **self.params)
         return self.last.indices
 
     def _custom_inputs(self, clf, dataset):

@@ -164,27 +164,30 @@ def test_random_strategy(rng):
 
 # ----------------------------------------------------------------------------- coreset
 
-def coreset_bruteforce(x, labeled, budget, seed):
+def coreset_bruteforce(x, labeled, budget, seed, ignored=()):
     x = np.asarray(x, dtype=np.float64)
     sq = (x * x).sum(1)
     d2 = sq[:, None] + sq[None, :] - 2.0 * x @ x.T
     n = len(x)
     picked, scores = [], []
+    blocked = list(labeled) + list(ignored)
     if len(labeled):
         min_d2 = d2[labeled].min(0)
     else:
-        first = int(np.random.default_rng(seed).integers(n))
+        rng = np.random.default_rng(seed)
+        free = [i for i in range(n) if i not in set(blocked)]
+        first = int(free[rng.integers(len(free))]) if len(ignored) else int(rng.integers(n))
         picked, scores = [first], [np.inf]
         min_d2 = d2[first].copy()
     min_d2 = min_d2.copy()
-    min_d2[list(labeled) + picked] = -np.inf
+    min_d2[blocked + picked] = -np.inf
     while len(picked) < budget:
         c = int(np.argmax(min_d2))
         picked.append(c)
         scores.append(min_d2[c])
         min_d2 = np.minimum(min_d2, d2[c])
         min_d2[picked] = -np.inf
-        min_d2[list(labeled)] = -np.inf
+        min_d2[blocked] = -np.inf
     return np.array(picked), np.array(scores)
 
 
@@ -204,6 +207,50 @@ def test_coreset_matches_bruteforce_on_integer_features(backend, with_labeled, r
     np.testing.assert_array_equal(sel.scores, want_scores)
     assert not np.isin(sel.indices, labeled).any()
     assert sel.provenance["params"] == {"normalize": "none"}
+
+
+@pytest.mark.parametrize("with_labeled", [False, True])
+def test_coreset_ignored_rows_are_neither_picked_nor_centres(with_labeled, rng):
+    n = 120
+    feats, _ = make_arrays(rng, n, (3, 4), integer=True)
+    order = rng.permutation(n)
+    labeled = np.sort(order[:10]) if with_labeled else np.zeros(0, dtype=np.int64)
+    ignored = np.sort(order[10:25])
+    seed = int(rng.integers(1 << 20))
+    sel = select("coreset", PoolInputs(features=pyfk.Descriptors(feats)), 20, labeled=labeled, ignored=ignored,
+                 seed=seed, normalize="none")
+    want, want_scores = coreset_bruteforce(np.concatenate(feats, 1), labeled, 20, seed, ignored)
+    np.testing.assert_array_equal(sel.indices, want)
+    np.testing.assert_array_equal(sel.scores, want_scores)
+    assert sel.provenance["labeled"] == len(labeled) and sel.provenance["ignored"] == 15
+    as_centres = select("coreset", PoolInputs(features=pyfk.Descriptors(feats)), 20,
+                        labeled=np.union1d(labeled, ignored), seed=seed, normalize="none")
+    assert not np.array_equal(as_centres.scores, sel.scores)  # ignored rows as centres would change the distances
+
+
+def test_every_strategy_honours_ignored(rng):
+    n, c = 90, 4
+    p = rng.dirichlet(np.ones(c), n)
+    val, pool_desc, y, y_hat, _ = pfk_problem(rng, n_val=20, n_pool=n, widths=(4, 5))
+    h = rng.standard_normal((n, 6)).astype(np.float32)
+    pool = PoolInputs(probs=p, mc_probs=rng.dirichlet(np.ones(c), (3, n)), descriptors=pool_desc,
+                      badge=pyfk.Descriptors([np.c_[h, np.ones(n, np.float32)]],
+                                             [(p - np.eye(c)[p.argmax(1)]).astype(np.float32)], same_widths=False),
+                      features=pyfk.Descriptors([h]))
+    labeled, ignored = np.arange(0, 30, 3), np.arange(31, 70, 2)
+    for name in st.STRATEGIES:
+        sel = select(name, pool, 40, labeled=labeled, ignored=ignored, seed=3, val=ValInputs(val, y, y_hat))
+        assert not np.isin(sel.indices, np.union1d(labeled, ignored)).any(), name
+        assert sel.provenance["available"] == n - len(np.union1d(labeled, ignored))
+        if name not in ("coreset",):  # only coreset reads labeled rows beyond excluding them
+            same = select(name, pool, 40, labeled=np.union1d(labeled, ignored), seed=3, val=ValInputs(val, y, y_hat))
+            np.testing.assert_array_equal(sel.indices, same.indices, err_msg=name)
+    with pytest.raises(ValueError, match="ignored: expected rows disjoint from labeled"):
+        select("random", pool, 3, labeled=[1, 2], ignored=[2, 3])
+    with pytest.raises(ValueError, match="ignored"):
+        select("random", pool, 3, ignored=[n + 4])
+    with pytest.raises(ValueError, match="budget"):
+        select("random", pool, n - 3, labeled=[1, 2], ignored=[4, 5])
 
 
 def test_coreset_streamed_store_equals_in_memory(tmp_path, monkeypatch, rng):

@@ -191,8 +191,8 @@ class RecordingInputs(PyfkQueryStrategy):
             rows = holdout(np.arange(len(y)), val, seed)
             val = (dataset.x[np.asarray(indices_labeled)[rows]], np.asarray(y)[rows])
         pool, val_inputs = model_inputs(self.strategy, clf.model.module_, dataset.x, val=val, seed=seed)
-        blocked = np.setdiff1d(np.arange(len(dataset)), indices_unlabeled)
-        want = pyfk.acquire(self.strategy, pool, n, labeled=blocked, seed=seed, val=val_inputs, **self.params)
+        want = pyfk.acquire(self.strategy, pool, n, labeled=indices_labeled, ignored=IGNORED, seed=seed,
+                            val=val_inputs, **self.params)
         picks = super().query(clf, dataset, indices_unlabeled, indices_labeled, y, n=n)
         np.testing.assert_array_equal(picks, want.indices)
         self.checked += 1

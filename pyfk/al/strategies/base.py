@@ -99,8 +99,9 @@ class Selection:
 
 @dataclass(frozen=True)
 class Request:
-    """What a strategy gets besides the pool inputs. rows: the available (not labeled)
-    pool indices, sorted; labeled: the labeled pool indices, sorted."""
+    """What a strategy gets besides the pool inputs. rows: the available pool indices (neither
+    labeled nor ignored), sorted; labeled: the labeled pool indices, sorted (coreset's initial
+    centres); ignored: rows never picked and not centres either, sorted; excluded: both."""
 
     n: int
     budget: int
@@ -110,6 +111,11 @@ class Request:
     val: ValInputs | None
     backend: str
     progress: bool | None = None  # a progress bar on long searches (None: on a terminal only)
+    ignored: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def excluded(self) -> np.ndarray:
+        return np.union1d(self.labeled, self.ignored) if len(self.ignored) else self.labeled
 
 
 # ----------------------------------------------------------------------------- requirements and registry
@@ -190,27 +196,42 @@ def register(name: str, *, needs: str | Sequence[str] | None, passes: str | None
 
 def select(strategy: str, pool: PoolInputs, budget: int, *, labeled=None, seed: int = 0,
            val: ValInputs | None = None, backend: str = "auto", progress: bool | None = None,
-           **params) -> Selection:
+           ignored=None, **params) -> Selection:
     """Run acquisition strategy `strategy` (a key of STRATEGIES) on `pool`.
 
-    Returns a Selection of `budget` distinct pool indices, none in `labeled`, in pick
-    order. Raises ValueError for an unknown strategy or parameter, a missing input
+    Returns a Selection of `budget` distinct pool indices, none in `labeled` or `ignored`, in pick
+    order. labeled: rows already labeled (never picked; coreset starts from them as centres).
+    ignored: rows never picked that are not centres either (e.g. small-text's ignored rows,
+    scikit-activeml's non-candidates); disjoint from labeled.
+    Raises ValueError for an unknown strategy or parameter, a missing input
     (a PoolInputs field or the ValInputs the strategy needs), a budget larger than the
     unlabeled pool, a labeled set with duplicates or out-of-range indices, and NaN/Inf
     or unnormalised probabilities. progress: a progress bar on the long searches of the
     PFK family (None: only on a terminal, for long searches; False: never).
     """
     spec, merged, seed, n = check_call(strategy, pool, val, seed, params)
-    labeled_arr, budget, available = check_budget(labeled, budget, n)
-    rows = np.setdiff1d(np.arange(n, dtype=np.int64), labeled_arr, assume_unique=True)
+    ignored_arr = np.zeros(0, dtype=np.int64) if ignored is None else check_index_set(ignored, "ignored", n)
+    if ignored is None:
+        labeled_arr, budget, available = check_budget(labeled, budget, n)
+    else:
+        labeled_arr = np.zeros(0, dtype=np.int64) if labeled is None else check_index_set(labeled, "labeled", n)
+        both = np.intersect1d(labeled_arr, ignored_arr)
+        if len(both):
+            raise ValueError(f"ignored: expected rows disjoint from labeled, got {len(both)} in both "
+                             f"(e.g. {both[:5].tolist()})")
+        _, budget, available = check_budget(np.union1d(labeled_arr, ignored_arr), budget, n)
+    excluded = np.union1d(labeled_arr, ignored_arr) if len(ignored_arr) else labeled_arr
+    rows = np.setdiff1d(np.arange(n, dtype=np.int64), excluded, assume_unique=True)
     req = Request(n=n, budget=budget, labeled=labeled_arr, rows=rows, seed=seed, val=val, backend=backend,
-                  progress=progress)
+                  progress=progress, ignored=ignored_arr)
 
     start = time.perf_counter()
     indices, scores, extras = spec.fn(pool, req, **merged)
     seconds = time.perf_counter() - start
-    return make_selection(strategy, indices, scores, extras, budget=budget, n=n, labeled=labeled_arr, seed=seed,
-                          params=merged, seconds=seconds, available=available)
+    sel = make_selection(strategy, indices, scores, extras, budget=budget, n=n, labeled=req.excluded, seed=seed,
+                         params=merged, seconds=seconds, available=available)
+    sel.provenance["labeled"], sel.provenance["ignored"] = int(len(labeled_arr)), int(len(ignored_arr))
+    return sel
 
 
 def check_call(strategy: str, pool: PoolInputs, val: ValInputs | None, seed, params: dict, *,

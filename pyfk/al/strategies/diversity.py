@@ -44,7 +44,8 @@ def _coreset(pool, req, normalize):
     check_choice(normalize, "normalize", NORMALIZES)
     desc = _descriptor_field(pool, "features", "features")
     dist = KernelDistances(desc, "features", normalize, req.backend)
-    picked, scores = greedy_k_centre(dist, req.budget, seed=req.seed, initial=req.labeled)
+    picked, scores = greedy_k_centre(dist, req.budget, seed=req.seed, initial=req.labeled,
+                                     excluded=req.ignored if len(req.ignored) else None)
     return picked, scores, {
         "backend": dist.backend.name, "combine": "features", "initial_centres": int(len(req.labeled)),
         "random_start": int(picked[0]) if not len(req.labeled) else None}
@@ -59,7 +60,7 @@ def _badge(pool, req):
     first = int(req.rows[int(np.argmax(norms))])  # largest embedding norm, ties to the smaller index
     picked, scores, fallbacks = [first], [float(dist.diag[first])], 0
     unavailable = np.zeros(req.n, dtype=bool)
-    unavailable[req.labeled] = True
+    unavailable[req.excluded] = True
     unavailable[first] = True
     min_d2 = dist.min_d2(np.array([first])) if req.budget > 1 else np.zeros(req.n)
     while len(picked) < req.budget:

@@ -36,7 +36,7 @@ def _pfk_family(pool, req, combine, k, normalize, use_all):
     val = req.val
     details = pfk_select(pool.descriptors, val.descriptors, req.budget, val.labels, val.pred, k=k,
                          combine=combine, normalize=normalize, seed=req.seed,
-                         exclude=req.labeled if len(req.labeled) else None, backend=req.backend,
+                         exclude=req.excluded if len(req.excluded) else None, backend=req.backend,
                          use_all=use_all, return_details=True, progress=req.progress)
     idx = np.asarray(details["indices"], dtype=np.int64)
     centre = np.asarray(details["centre"], dtype=np.int64)
