@@ -127,8 +127,8 @@ def _check_name(name) -> str:
 def _check_dtype(dtype, what: str) -> np.dtype:
     try:
         dt = np.dtype(dtype)
-    except TypeError as exc:
-        raise TypeError(f"{what}: not a NumPy dtype: {dtype!r} ({exc})") from None
+    except (TypeError, ValueError) as exc:  # e.g. a dict spec numpy rejects with a ValueError
+        raise TypeError(f"{what}: not a NumPy dtype: {dtype!r:.80} ({exc})") from None
     if dt.kind not in _KINDS or dt.fields is not None or dt.subdtype is not None:
         raise TypeError(f"{what}: expected a bool, integer or float dtype, got {dt}")
     if not dt.isnative:

@@ -581,3 +581,14 @@ def test_a_writer_killed_during_create_leaves_no_store(tmp_path):
     assert time.perf_counter() - t0 < 10
     store.close()
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "z0.npy"]
+
+
+@pytest.mark.parametrize("dtype", [{"": []}, {"names": 3}, ["<f4", 2, 1], "not-a-dtype", 7])
+def test_a_manifest_dtype_numpy_cannot_parse_is_named(tmp_path, rng, dtype):
+    """numpy raises ValueError for some dtype specs (a dict without field tuples), TypeError for
+    others: either way the error names the manifest entry (a fuzz counterexample)."""
+    path = tmp_path / "s"
+    _partial_store(path, rng)
+    _edit_manifest(path, lambda m: m["arrays"]["g0"].update(dtype=dtype))
+    with pytest.raises((ValueError, TypeError), match=r"arrays\['g0'\]\.dtype"):
+        DescriptorStore.open(str(path))

@@ -230,7 +230,8 @@ def select(strategy: str, pool: PoolInputs, budget: int, *, labeled=None, seed: 
     seconds = time.perf_counter() - start
     sel = make_selection(strategy, indices, scores, extras, budget=budget, n=n, labeled=req.excluded, seed=seed,
                          params=merged, seconds=seconds, available=available)
-    sel.provenance["labeled"], sel.provenance["ignored"] = int(len(labeled_arr)), int(len(ignored_arr))
+    if ignored is not None:  # without it, the provenance stays what pyfk.distributed's acquire records
+        sel.provenance["labeled"], sel.provenance["ignored"] = int(len(labeled_arr)), int(len(ignored_arr))
     return sel
 
 
