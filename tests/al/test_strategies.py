@@ -229,14 +229,8 @@ def test_coreset_ignored_rows_are_neither_picked_nor_centres(with_labeled, rng):
 
 
 def test_every_strategy_honours_ignored(rng):
-    n, c = 90, 4
-    p = rng.dirichlet(np.ones(c), n)
-    val, pool_desc, y, y_hat, _ = pfk_problem(rng, n_val=20, n_pool=n, widths=(4, 5))
-    h = rng.standard_normal((n, 6)).astype(np.float32)
-    pool = PoolInputs(probs=p, mc_probs=rng.dirichlet(np.ones(c), (3, n)), descriptors=pool_desc,
-                      badge=pyfk.Descriptors([np.c_[h, np.ones(n, np.float32)]],
-                                             [(p - np.eye(c)[p.argmax(1)]).astype(np.float32)], same_widths=False),
-                      features=pyfk.Descriptors([h]))
+    n = 90
+    pool, val, y, y_hat = every_input(rng, n)
     labeled, ignored = np.arange(0, 30, 3), np.arange(31, 70, 2)
     for name in st.STRATEGIES:
         sel = select(name, pool, 40, labeled=labeled, ignored=ignored, seed=3, val=ValInputs(val, y, y_hat))
@@ -395,8 +389,8 @@ def test_pfk_family_equals_select_with_provenance(name, combine, rng):
     assert prov["params"] == {"k": k, "normalize": "pcc", "use_all": False}
 
 
-def test_every_strategy_records_json_provenance(rng):
-    n, c = 90, 4
+def every_input(rng, n, c=4):
+    """A PoolInputs with every field (n rows, c classes) and a PFK validation set (val, y, y_hat)."""
     p = rng.dirichlet(np.ones(c), n)
     val, pool_desc, y, y_hat, _ = pfk_problem(rng, n_val=20, n_pool=n, widths=(4, 5))
     h = rng.standard_normal((n, 6)).astype(np.float32)
@@ -404,6 +398,12 @@ def test_every_strategy_records_json_provenance(rng):
                       badge=pyfk.Descriptors([np.c_[h, np.ones(n, np.float32)]],
                                              [(p - np.eye(c)[p.argmax(1)]).astype(np.float32)], same_widths=False),
                       features=pyfk.Descriptors([h]))
+    return pool, val, y, y_hat
+
+
+def test_every_strategy_records_json_provenance(rng):
+    n = 90
+    pool, val, y, y_hat = every_input(rng, n)
     assert set(st.STRATEGIES) >= {"random", "entropy", "margin", "least_confidence", "var_ratio", "bald", "std",
                                   "ensemble_entropy", "ensemble_var_ratio", "ensemble_bald", "coreset", "badge",
                                   "pcc", "pfk", "pfk_sum"}

@@ -32,15 +32,6 @@ N_POOL = 1200   # digits rows in the active-learning dataset; the rest is the va
 INIT = 40       # initially labelled rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: torch's thread pool only adds contention (10-50x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     x, y = load_digits(return_X_y=True)

@@ -19,15 +19,6 @@ SEED = 11
 PROBS_ONLY = ("entropy", "margin", "least_confidence")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny MLPs train far faster (and as reproducibly) on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     """Rows: validation (100), initial labeled (40), pool (600)."""
