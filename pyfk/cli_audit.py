@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from pyfk.cli_select import UserError, _jsonable, _write_atomic
+from pyfk.cli_select import UserError, _jsonable, _open_pool, _write_atomic, read_ints
 
 
 def add_parser(sub, positive) -> None:
@@ -49,40 +49,15 @@ def add_parser(sub, positive) -> None:
 
 
 def _read_array(path: str, flag: str) -> np.ndarray:
+    """A .npy array (no pickle: nothing in a data file is executed) or integers from a text file."""
+    if not path.endswith(".npy"):
+        return read_ints(path, flag, "an integer label")
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path}: no such file")
-    if path.endswith(".npy"):
-        try:
-            return np.load(path, allow_pickle=False)  # never executes anything from a data file
-        except ValueError as e:
-            raise UserError(f"{flag} {path}: not a plain numeric .npy ({e})") from None
-    values = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            text = line.split("#", 1)[0].strip()
-            if text:
-                try:
-                    values.append(int(text))
-                except ValueError:
-                    raise UserError(f"{flag} {path}, line {number}: expected an integer label, got {text!r}") from None
-    return np.asarray(values, dtype=np.int64)
-
-
-def _open_store(path: str):
-    """(descriptors, probs, ids) of a plain or sharded store."""
-    from pyfk.features.store import DescriptorStore
-
-    if not os.path.isdir(path):
-        raise UserError(f"--store {path}: no such directory")
-    if os.path.isfile(os.path.join(path, "sharded.json")):
-        from pyfk.features.sharded import ShardedStore
-
-        store = ShardedStore.open(path)
-        return store.to_descriptors(), np.asarray(store.rows("probs")), np.asarray(store.rows("ids"))
-    from pyfk.features.writer import extraction_from_store
-
-    ext = extraction_from_store(DescriptorStore.open(path))
-    return ext.descriptors, np.asarray(ext.probs), np.asarray(ext.ids)
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise UserError(f"{flag} {path}: not a plain numeric .npy ({e})") from None
 
 
 def suspect_rows(report, ids: np.ndarray, everything: bool) -> list[dict]:
@@ -112,7 +87,10 @@ def run(args) -> int:
 def _audit(args) -> int:
     from pyfk.al.audit import audit
 
-    descriptors, store_probs, ids = _open_store(args.store)
+    if not os.path.isdir(args.store):
+        raise UserError(f"--store {args.store}: no such directory")
+    view, ids, _ = _open_pool(args.store, 1, "--store")
+    descriptors, store_probs = view.descriptors, view.probs
     labels = _read_array(args.labels, "--labels")
     n = len(ids)
     if labels.shape != (n,) or labels.dtype.kind not in "iu":

@@ -64,19 +64,25 @@ class UserError(Exception):
 
 def read_exclude(path: str) -> np.ndarray:
     """Global row indices from a text file: one integer per line, blank lines and # comments ignored."""
+    return read_ints(path, "--exclude", "a row index")
+
+
+def read_ints(path: str, flag: str, what: str) -> np.ndarray:
+    """int64 values of a text file given as `flag`: one per line, blank lines and # comments ignored;
+    a line that is not an integer raises UserError naming the flag, the line and `what` was expected."""
     if not os.path.isfile(path):
-        raise UserError(f"--exclude {path}: no such file")
-    rows = []
+        raise UserError(f"{flag} {path}: no such file")
+    values = []
     with open(path) as f:
         for number, line in enumerate(f, 1):
             text = line.split("#", 1)[0].strip()
             if not text:
                 continue
             try:
-                rows.append(int(text))
+                values.append(int(text))
             except ValueError:
-                raise UserError(f"--exclude {path}, line {number}: expected a row index, got {text!r}") from None
-    return np.asarray(rows, dtype=np.int64)
+                raise UserError(f"{flag} {path}, line {number}: expected {what}, got {text!r}") from None
+    return np.asarray(values, dtype=np.int64)
 
 
 class _PoolView:
@@ -93,15 +99,16 @@ def _view_of_store(store) -> _PoolView:
     return _PoolView(ext.descriptors, ext.probs, ext.badge, np.asarray(ext.ids))
 
 
-def _open_pool(path: str, world: int):
-    """(pool view of this process's rows, global ids of every row or None, global offset of the rows)."""
+def _open_pool(path: str, world: int, flag: str = "--pool"):
+    """(pool view of this process's rows, global ids of every row or None, global offset of the rows)
+    of a plain or sharded store given as `flag`."""
     from pyfk.features.store import DescriptorStore
 
     if not os.path.exists(path):
-        raise UserError(f"--pool {path}: no such directory")
+        raise UserError(f"{flag} {path}: no such directory")
     if not os.path.isfile(os.path.join(path, "sharded.json")):
         if world > 1:
-            raise UserError(f"--pool {path}: under torchrun (world size {world}) the pool must be a sharded store "
+            raise UserError(f"{flag} {path}: under torchrun (world size {world}) the pool must be a sharded store "
                             "(DIR/shard-RRRRR-of-WWWWW/, written by `pyfk extract` under torchrun)")
         view = _view_of_store(DescriptorStore.open(path))
         return view, view.ids, 0

@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from pyfk.al.inputs import holdout, model_inputs
-from pyfk.al.strategies import STRATEGIES, PoolInputs, ValInputs
+from pyfk.al.strategies import PoolInputs, ValInputs
+from pyfk.al.strategies.base import check_strategy
 from pyfk.errors import check_int
 
 # where peers keep the torch module, tried in this order: skorch and pyfk.integrations.TorchClassifier
@@ -53,13 +54,12 @@ class AdapterInputs:
         training: PFK then queries the labeled rows the model still gets wrong (every row, with
         pyfk's warning, if it gets none wrong). A separate labeled split is the paper's setting.
     layers, mc_passes, batch_size, pseudo_label: as in pyfk.al.inputs.model_inputs.
+    params: the strategy's parameters, checked against STRATEGIES[strategy].params (None: none).
     """
 
     def __init__(self, strategy: str, *, model=None, validation=None, layers="auto", mc_passes: int = 10,
-                 batch_size: int = 256, pseudo_label: str = "argmax"):
-        if not isinstance(strategy, str) or strategy not in STRATEGIES:
-            raise ValueError(f"strategy: expected one of {sorted(STRATEGIES)}, got {strategy!r}")
-        self.needs = STRATEGIES[strategy].needs
+                 batch_size: int = 256, pseudo_label: str = "argmax", params=None):
+        self.needs = check_strategy(strategy, params or {}).needs
         if not (model is None or callable(model) or
                 (isinstance(model, (list, tuple)) and model and all(isinstance(m, torch.nn.Module) for m in model))):
             raise TypeError(f"model: expected None, a torch.nn.Module, a callable (clf) -> nn.Module or a list of "
@@ -124,6 +124,18 @@ class AdapterInputs:
             pool_inputs, _ = model_inputs(dataclasses.replace(self.needs, val=False), model, pool, **options)
             return pool_inputs, val
         return model_inputs(self.needs, model, pool, val=val, **options)
+
+    def ready_validation(self, clf, where: str) -> ValInputs | None:
+        """The ValInputs to use beside PoolInputs the caller built (`where`: the argument that
+        carried them): `validation` must be a ValInputs or a callable (clf) -> ValInputs."""
+        if not self.needs.val:
+            return None
+        val = self.validation
+        val = val(clf) if callable(val) and not isinstance(val, ValInputs) else val
+        if not isinstance(val, ValInputs):
+            raise TypeError(f"validation: with {where}, expected a pyfk.ValInputs or a callable (clf) -> ValInputs, "
+                            f"got {type(val).__name__}")
+        return val
 
     def _validation(self, clf, seed: int, labeled):
         v = self.validation

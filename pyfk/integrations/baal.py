@@ -55,7 +55,6 @@ Importing this module imports baal (not a pyfk dependency: `pip install baal`).
 from __future__ import annotations
 
 import contextlib
-import numbers
 import types
 from dataclasses import dataclass
 
@@ -70,8 +69,9 @@ from baal.utils.array_utils import to_prob
 from torch.utils.data import ConcatDataset, Dataset
 
 from pyfk.al.strategies import STRATEGIES, PoolInputs, Selection, ValInputs, select
+from pyfk.al.strategies.base import check_strategy
 from pyfk.errors import check_int
-from pyfk.integrations._inputs import AdapterInputs, find_module
+from pyfk.integrations._inputs import AdapterInputs, _is_fraction, find_module
 
 __all__ = ["PyfkHeuristic", "PyfkInputs"]
 
@@ -133,12 +133,7 @@ class PyfkHeuristic(AbstractHeuristic):
                  dataset: ActiveLearningDataset | None = None, layers="auto", mc_passes: int = 10,
                  batch_size: int = 256, **params):
         super().__init__()
-        if not isinstance(strategy, str) or strategy not in STRATEGIES:
-            raise ValueError(f"strategy: expected one of {sorted(STRATEGIES)}, got {strategy!r}")
-        spec = STRATEGIES[strategy]
-        unknown = sorted(set(params) - set(spec.params))
-        if unknown:
-            raise ValueError(f"{strategy}: unknown parameter(s) {unknown}; it accepts {sorted(spec.params) or 'none'}")
+        spec = check_strategy(strategy, params)
         self.query_size = check_int(query_size, "query_size", 1, 2**62)
         self.seed = check_int(seed, "seed", 0, 2**62)
         if dataset is not None and not isinstance(dataset, ActiveLearningDataset):
@@ -276,6 +271,3 @@ def _as_array(predictions) -> np.ndarray:
                          f"got dtype {arr.dtype}, shape {arr.shape}")
     return arr
 
-
-def _is_fraction(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pyfk.al.strategies import STRATEGIES, Selection, select
+from pyfk.al.strategies import Selection, select
 from pyfk.errors import check_int
 from pyfk.integrations._inputs import AdapterInputs
 
@@ -69,12 +69,8 @@ class PyfkQueryStrategy:
     def __init__(self, strategy: str = "pfk", *, seed: int = 0, model=None, validation=None, layers="auto",
                  mc_passes: int = 10, batch_size: int = 256, **params):
         self.source = AdapterInputs(strategy, model=model, validation=validation, layers=layers,
-                                    mc_passes=mc_passes, batch_size=batch_size)
+                                    mc_passes=mc_passes, batch_size=batch_size, params=params)
         self.seed = check_int(seed, "seed", 0, 2**62)
-        accepted = STRATEGIES[strategy].params
-        unknown = sorted(set(params) - set(accepted))
-        if unknown:
-            raise ValueError(f"{strategy}: unknown parameter(s) {unknown}; it accepts {sorted(accepted) or 'none'}")
         self.strategy, self.params = strategy, params
         self.calls = 0
         self.last: Selection | None = None

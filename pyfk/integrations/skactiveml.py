@@ -28,7 +28,7 @@ from skactiveml.base import SingleAnnotatorPoolQueryStrategy, SkactivemlClassifi
 from skactiveml.utils import MISSING_LABEL, check_equal_missing_label, labeled_indices, unlabeled_indices
 from sklearn.base import clone
 
-from pyfk.al.strategies import PoolInputs, ValInputs, select
+from pyfk.al.strategies import PoolInputs, select
 from pyfk.al.strategies.base import check_call
 from pyfk.integrations._inputs import AdapterInputs
 
@@ -122,7 +122,7 @@ class PyfkQueryStrategy(SingleAnnotatorPoolQueryStrategy):
         if pool is not None:
             if not isinstance(pool, PoolInputs):
                 raise TypeError(f"pool: expected a pyfk.PoolInputs or None, got {type(pool).__name__}")
-            val = self._given_val(source, clf)
+            val = source.ready_validation(clf, "pool=")
             size = check_call(self.strategy, pool, val, 0, self.params)[3]
             if size != n:
                 raise ValueError(f"pool: expected PoolInputs over the {n} rows of X, got {size} rows")
@@ -146,17 +146,6 @@ class PyfkQueryStrategy(SingleAnnotatorPoolQueryStrategy):
         labeled = labeled_indices(y, self.missing_label_)
         return source(clf, np.asarray(X), seed=seed, labeled=lambda: (np.asarray(X)[labeled], np.asarray(y)[labeled]),
                       probs=lambda: clf.predict_proba(X))
-
-    def _given_val(self, source, clf):
-        """The ValInputs to use with a caller's PoolInputs (validation given ready-made)."""
-        if not source.needs.val:
-            return None
-        val = self.validation
-        val = val(clf) if callable(val) and not isinstance(val, ValInputs) else val
-        if not isinstance(val, ValInputs):
-            raise TypeError(f"validation: with pool=, expected a pyfk.ValInputs or a callable (clf) -> ValInputs, "
-                            f"got {type(val).__name__}")
-        return val
 
 
 def _is_nan(value) -> bool:

@@ -23,7 +23,7 @@ import numpy as np
 from small_text.query_strategies import QueryStrategy
 from torch.utils.data import Dataset
 
-from pyfk.al.strategies.base import STRATEGIES, PoolInputs, Selection, ValInputs, select
+from pyfk.al.strategies.base import PoolInputs, Selection, select
 from pyfk.errors import check_int
 from pyfk.integrations._inputs import AdapterInputs
 
@@ -57,15 +57,11 @@ class PyfkQueryStrategy(QueryStrategy):
     def __init__(self, strategy: str = "pfk", *, seed: int = 0, model=None, validation=None, inputs=None,
                  layers="auto", mc_passes: int = 10, batch_size: int = 256, **params):
         self.source = AdapterInputs(strategy, model=model, validation=validation, layers=layers,
-                                    mc_passes=mc_passes, batch_size=batch_size)
-        spec = STRATEGIES[strategy]
+                                    mc_passes=mc_passes, batch_size=batch_size, params=params)
         seed = check_int(seed, "seed", 0, 2**62)
         if inputs is not None and not callable(inputs):
             raise TypeError(f"inputs: expected a callable (clf, dataset, strategy) -> PoolInputs or None, "
                             f"got {type(inputs).__name__}")
-        unknown = sorted(set(params) - set(spec.params))
-        if unknown:
-            raise ValueError(f"{strategy}: unknown parameter(s) {unknown}; it accepts {sorted(spec.params) or 'none'}")
         self.strategy, self.seed, self.inputs, self.params = strategy, int(seed), inputs, params
         self.last: Selection | None = None
 
@@ -93,14 +89,7 @@ class PyfkQueryStrategy(QueryStrategy):
         pool = self.inputs(clf, dataset, self.strategy)
         if not isinstance(pool, PoolInputs):
             raise TypeError(f"inputs: the callable must return a pyfk.PoolInputs, got {type(pool).__name__}")
-        if not self.source.needs.val:
-            return pool, None
-        val = self.source.validation
-        val = val(clf) if callable(val) and not isinstance(val, ValInputs) else val
-        if not isinstance(val, ValInputs):
-            raise TypeError(f"validation: with inputs=, expected a pyfk.ValInputs or a callable (clf) -> ValInputs, "
-                            f"got {type(val).__name__}")
-        return pool, val
+        return pool, self.source.ready_validation(clf, "inputs=")
 
     def __str__(self):
         return f"PyfkQueryStrategy(strategy={self.strategy!r}, seed={self.seed}, params={self.params})"

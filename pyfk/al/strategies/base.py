@@ -235,21 +235,27 @@ def select(strategy: str, pool: PoolInputs, budget: int, *, labeled=None, seed: 
     return sel
 
 
+def check_strategy(strategy, params: dict) -> Strategy:
+    """The registered Strategy named `strategy`, after checking that it takes every key of `params`."""
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {sorted(STRATEGIES)}, got {strategy!r}")
+    spec = STRATEGIES[strategy]
+    unknown = sorted(set(params) - set(spec.params))
+    if unknown:
+        raise ValueError(f"{strategy}: unknown parameter(s) {unknown}; it accepts {sorted(spec.params) or 'none'}")
+    return spec
+
+
 def check_call(strategy: str, pool: PoolInputs, val: ValInputs | None, seed, params: dict, *,
                allow_empty: bool = False) -> tuple[Strategy, dict, int, int]:
     """The checks of `select` up to the pool size: the strategy, the input types, the params,
     the seed, the pool fields it needs (their size N) and the ValInputs. Returns (spec, params
     with defaults, seed, N). allow_empty: accept N == 0 (one shard of a sharded pool)."""
-    if not isinstance(strategy, str) or strategy not in STRATEGIES:
-        raise ValueError(f"strategy: expected one of {sorted(STRATEGIES)}, got {strategy!r}")
-    spec = STRATEGIES[strategy]
+    spec = check_strategy(strategy, params)
     if not isinstance(pool, PoolInputs):
         raise TypeError(f"pool: expected a pyfk.strategies.PoolInputs, got {type(pool).__name__}")
     if val is not None and not isinstance(val, ValInputs):
         raise TypeError(f"val: expected a pyfk.strategies.ValInputs or None, got {type(val).__name__}")
-    unknown = sorted(set(params) - set(spec.params))
-    if unknown:
-        raise ValueError(f"{strategy}: unknown parameter(s) {unknown}; it accepts {sorted(spec.params) or 'none'}")
     merged = {**spec.params, **params}
     seed = check_int(seed, "seed", 0, 2**63 - 1)
 
