@@ -23,7 +23,7 @@ from pyfk.engine.descriptors import Descriptors
 from pyfk.errors import check_int
 from pyfk.features.extract import extract
 
-__all__ = ["model_inputs", "holdout", "mc_dropout", "predict", "seed_for", "torch_seeded"]
+__all__ = ["model_inputs", "holdout", "mc_dropout", "predict", "model_logits", "seed_for", "torch_seeded"]
 
 
 def seed_for(*parts: int | str) -> int:
@@ -74,6 +74,14 @@ def predict(model, x, batch: int = 512) -> torch.Tensor:
     """(N, C) softmax of `model` in eval mode over x (a tensor, or a loader of x / (x, ...) batches)."""
     model.eval()
     return torch.from_numpy(_softmax_rows(model, x, batch))
+
+
+@torch.no_grad()
+def model_logits(model, x, batch: int = 512) -> np.ndarray:
+    """(N, C) float64 logits of `model` in eval mode over x (a tensor, or a loader, as in `predict`)."""
+    model.eval()
+    dev = _device(model)
+    return torch.cat([model(b.to(dev)).double().cpu() for b in _batches(x, batch)]).numpy()
 
 
 def _dropouts(model) -> list:

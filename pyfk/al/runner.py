@@ -80,7 +80,7 @@ from tqdm.auto import tqdm
 
 from pyfk.al import calibration, models, strategies
 from pyfk.al import data as datasets
-from pyfk.al.inputs import _dropouts, model_inputs, predict
+from pyfk.al.inputs import _dropouts, model_inputs, model_logits, predict
 from pyfk.al.inputs import seed_for as _seed_for
 from pyfk.al.inputs import torch_seeded as _torch_seeded
 from pyfk.al.strategies import Needs, PoolInputs, Strategy, ValInputs
@@ -517,19 +517,10 @@ def calibrated_inputs(pool: PoolInputs, temperature: float) -> PoolInputs:
     return dataclasses.replace(pool, **changes)
 
 
-@torch.no_grad()
-def model_logits(model, x: torch.Tensor, batch: int = 512) -> np.ndarray:
-    """(N, C) float64 logits of `model` in eval mode over the tensor x (no random number is drawn)."""
-    model.eval()
-    p = next(iter(model.parameters()), None)
-    dev = p.device if p is not None else torch.device("cpu")
-    return torch.cat([model(x[i:i + batch].to(dev)).double().cpu() for i in range(0, x.shape[0], batch)]).numpy()
-
-
 def calibration_record(model, val_x: torch.Tensor, val_y: np.ndarray, bins: int = 15) -> dict:
     """The temperature fitted on the validation split and what it does there: {"temperature",
     "ece_before", "ece_after", "nll_before", "nll_after"} (ECE: top-label, `bins` equal-width bins)."""
-    val_logits = model_logits(model, val_x)
+    val_logits = model_logits(model, val_x)  # eval mode: no random number is drawn
     t = calibration.calibrate(val_logits, val_y)
     ece = calibration.expected_calibration_error
     return {"temperature": t,
