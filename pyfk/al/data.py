@@ -14,7 +14,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -206,6 +206,7 @@ def _folder(root: str) -> Dataset:
 
 
 NOISE_KINDS = ("symmetric", "class_conditional")
+SPLIT_NOISE_KINDS = NOISE_KINDS + ("bernoulli",)  # biased_split also keeps the older per-label coin flips
 
 
 def inject_label_noise(labels, rate: float, kind: str = "symmetric", *, classes: int | None = None,
@@ -239,6 +240,21 @@ def inject_label_noise(labels, rate: float, kind: str = "symmetric", *, classes:
     return noisy, rows.astype(np.int64)
 
 
+def annotate_again(truth, rate: float, kind: str = "symmetric", *, classes: int, seed: int) -> np.ndarray:
+    """A fresh annotation of each row by an annotator who is wrong with probability `rate`,
+    independently per row and of any earlier answer (per-row coins: a handful of re-asked labels
+    has no meaningful exact count). A wrong answer is, as in inject_label_noise, a uniformly drawn
+    other class ("symmetric", "bernoulli") or the next class c + 1 mod C ("class_conditional").
+    truth: (n,) ints in [0, classes). Returns (n,) int64."""
+    truth = np.asarray(truth, dtype=np.int64)
+    if kind not in SPLIT_NOISE_KINDS:
+        raise ValueError(f"kind: expected one of {list(SPLIT_NOISE_KINDS)}, got {kind!r}")
+    rng = np.random.default_rng(seed)
+    wrong = rng.random(len(truth)) < rate
+    shift = rng.integers(1, classes, size=len(truth)) if kind != "class_conditional" else np.ones(len(truth), np.int64)
+    return np.where(wrong, (truth + shift) % classes, truth)
+
+
 @dataclass
 class Split:
     """Index arrays into a Dataset, and the pool's (possibly noisy) training labels."""
@@ -249,22 +265,31 @@ class Split:
     pool_labels: np.ndarray  # labels an annotator returns for pool items (noise applied)
     minority: list
     counts: dict             # class -> pool count
+    noisy: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # pool positions labeled wrong
 
 
 def biased_split(y: np.ndarray, *, imbalance: float = 100.0, minority=(5, 6, 7, 8, 9), val_per_class: int = 20,
-                 test_per_class: int = 100, label_noise: float = 0.0, seed: int = 0) -> Split:
+                 test_per_class: int = 100, label_noise: float = 0.0, noise_kind: str = "bernoulli",
+                 seed: int = 0) -> Split:
     """The paper's biased training pool with balanced validation and test splits.
 
     Per class, `test_per_class` and `val_per_class` examples go to test and val.
     Of the rest, every majority class keeps m examples (m = the smallest remaining
     class count) and every minority class keeps max(1, round(m / imbalance)).
-    label_noise: the fraction of pool labels replaced by a different random class.
+    label_noise: the rate of wrong pool labels (the annotator's first answer; val and test stay
+    clean). noise_kind: "symmetric" / "class_conditional" -- exactly round(label_noise x pool) wrong
+    labels (inject_label_noise: a uniform other class / the next class); "bernoulli" -- each pool
+    label independently wrong with probability label_noise, a uniform other class (the only kind
+    before the others existed; run directories of that time use it).
+    Split.noisy lists the pool positions whose label is wrong.
     """
     y = np.asarray(y)
     if imbalance < 1:
         raise ValueError(f"imbalance: expected a ratio >= 1, got {imbalance}")
     if not 0 <= label_noise < 1:
         raise ValueError(f"label_noise: expected a fraction in [0, 1), got {label_noise}")
+    if noise_kind not in SPLIT_NOISE_KINDS:
+        raise ValueError(f"noise_kind: expected one of {list(SPLIT_NOISE_KINDS)}, got {noise_kind!r}")
     classes = np.unique(y)
     minority = sorted(int(c) for c in minority)
     unknown = [c for c in minority if c not in classes]
@@ -290,9 +315,15 @@ def biased_split(y: np.ndarray, *, imbalance: float = 100.0, minority=(5, 6, 7, 
         counts[c] = take
     pool = np.sort(np.concatenate(pool))
     labels = y[pool].copy()
-    if label_noise > 0:
+    noisy = np.zeros(0, dtype=np.int64)
+    if label_noise > 0 and noise_kind == "bernoulli":  # the draws of old runs, unchanged
         flip = rng.random(len(pool)) < label_noise
         shift = rng.integers(1, len(classes), size=len(pool))
-        noisy = classes[(np.searchsorted(classes, labels) + shift) % len(classes)]
-        labels = np.where(flip, noisy, labels)
-    return Split(pool, np.sort(np.concatenate(val)), np.sort(np.concatenate(test)), labels, minority, counts)
+        wrong = classes[(np.searchsorted(classes, labels) + shift) % len(classes)]
+        labels = np.where(flip, wrong, labels)
+        noisy = np.flatnonzero(flip).astype(np.int64)
+    elif label_noise > 0:  # class positions, so that c + 1 is the next class present
+        position, noisy = inject_label_noise(np.searchsorted(classes, labels), label_noise, noise_kind,
+                                             classes=len(classes), seed=int(rng.integers(2**63)))
+        labels = classes[position]
+    return Split(pool, np.sort(np.concatenate(val)), np.sort(np.concatenate(test)), labels, minority, counts, noisy)

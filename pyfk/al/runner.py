@@ -10,7 +10,23 @@ A run directory holds config.json, state.json (every finished round, committed
 atomically: an interrupted run resumes at the next round and, for the same
 config, reproduces an uninterrupted run exactly), pretrain-seed<S>.pt (the rotation
 pretraining of seed S, when enabled; written atomically, a cache only), results.csv /
-results.json and curve.png (mean over seeds with a min-max band).
+results.json and curve.png (mean over seeds with its 95% t-interval), and in results.json
+"paired": pfk (when run) minus every other strategy, paired by seed, per round and over the
+mean of the rounds (`compare`, pyfk.al.stats).
+
+Label noise: `label_noise` is the rate at which the annotator's first answer for a pool item is
+wrong, `label_noise_kind` how (data.biased_split: "symmetric" -- exactly round(rate x pool) wrong
+labels, each a uniform other class; "class_conditional" -- as many, each c -> c + 1; "bernoulli"
+-- per-item coins, what runs made before the key drew). Validation and test labels are clean.
+With noise, every round records `wrong_labels`: the labeled rows whose held label is wrong.
+A strategy named "<name>+audit" (e.g. "pfk+audit") is <name> that first spends
+round(relabel_share x budget) of each round's budget re-asking the labels pyfk.audit ranks most
+suspect among those held (rows not asked before; `relabel`), then picks the rest of the budget
+with <name>. Re-asking consults the same annotator again (data.annotate_again: wrong with
+probability label_noise, independently), so a re-asked label can stay or become wrong. Its
+records add `relabeled` / `relabels` (rows, new answers), `audit` (flagged, n_issues,
+asked_wrong, changed, fixed) and `queries` (labeled rows + labels re-asked so far: its
+annotation cost, equal to `labels` of the plain strategies at the same round).
 
 Validation: `run` checks the whole config -- types and ranges of every key, then what
 needs the data (classes, pool size against initial + budget x rounds, layer names,
@@ -78,7 +94,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pyfk.al import calibration, models, strategies
+from pyfk.al import calibration, models, stats, strategies
 from pyfk.al import data as datasets
 from pyfk.al.inputs import _dropouts, model_inputs, model_logits, predict
 from pyfk.al.inputs import seed_for as _seed_for
@@ -92,6 +108,17 @@ DATASETS = ("mnist5k", "digits", "mnist", "cifar10", "svhn", "folder")  # see py
 LOCAL_DATASETS = ("mnist", "cifar10", "svhn", "folder")                 # read from files under `root`
 SEEDING = 2  # state.json "seeding": how round seeds are derived (rounds of another scheme cannot be resumed)
 _MAX_SEED = 2**63 - 1
+AUDIT_SUFFIX = "+audit"  # "<strategy>+audit": part of each round's budget re-asks pyfk.audit's top suspects
+
+
+def base_strategy(name: str) -> str:
+    """The registered strategy behind a run's strategy name ("pfk+audit" -> "pfk")."""
+    return name[:-len(AUDIT_SUFFIX)] if name.endswith(AUDIT_SUFFIX) else name
+
+
+def relabel_count(cfg: Config, name: str) -> int:
+    """Labels re-asked per round by strategy `name`: round(relabel_share x budget) for '+audit', else 0."""
+    return int(round(cfg.relabel_share * cfg.budget)) if name.endswith(AUDIT_SUFFIX) else 0
 
 
 class ConfigError(ValueError):
@@ -117,6 +144,7 @@ class Config:
     imbalance: float = 100.0
     minority: list = field(default_factory=lambda: [5, 6, 7, 8, 9])
     label_noise: float = 0.0
+    label_noise_kind: str = "symmetric"  # exact count (data.biased_split); "bernoulli": per-label coins (older runs)
     val_per_class: int = 20
     test_per_class: int = 100
     initial: int = 20
@@ -137,6 +165,7 @@ class Config:
     ensemble_size: int = 3  # members trained per round for the ensemble_* strategies (the first is the model)
     split_seed: int = 0
     calibrate: bool = False  # fit a temperature on the validation split every round (module docstring)
+    relabel_share: float = 0.25  # of each round's budget, re-asked labels for "<strategy>+audit" (module docstring)
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
@@ -200,6 +229,11 @@ def _static_problems(cfg: Config) -> list[tuple[str, str]]:
         bad("minority", "distinct class labels")
     if not _is_real(cfg.label_noise) or not math.isfinite(cfg.label_noise) or not 0 <= cfg.label_noise < 1:
         bad("label_noise", "a fraction in [0, 1)")
+    if not isinstance(cfg.label_noise_kind, str) or cfg.label_noise_kind not in datasets.SPLIT_NOISE_KINDS:
+        bad("label_noise_kind", f"one of {list(datasets.SPLIT_NOISE_KINDS)}")
+    if (not _is_real(cfg.relabel_share) or not math.isfinite(cfg.relabel_share)
+            or not 0 < cfg.relabel_share < 1):
+        bad("relabel_share", "a fraction in (0, 1) of each round's budget (re-asked labels of '+audit' strategies)")
     for key in ("val_per_class", "test_per_class", "initial", "budget", "train_steps", "batch_size",
                 "pretrain_steps", "mc_passes", "k", "ensemble_size"):
         v = getattr(cfg, key)
@@ -211,10 +245,11 @@ def _static_problems(cfg: Config) -> list[tuple[str, str]]:
             or not all(isinstance(s, str) for s in cfg.strategies)):
         bad("strategies", f"a non-empty list of strategy names, some of {sorted(strategies.STRATEGIES)}")
     else:
-        unknown = [s for s in cfg.strategies if s not in strategies.STRATEGIES]
+        unknown = [s for s in cfg.strategies if base_strategy(s) not in strategies.STRATEGIES]
         if unknown:
             out.append(("strategies", f"strategies: unknown {unknown}; expected some of "
-                                      f"{sorted(strategies.STRATEGIES)}, got {cfg.strategies!r}"))
+                                      f"{sorted(strategies.STRATEGIES)}, each optionally with '{AUDIT_SUFFIX}' "
+                                      f"(re-ask the labels pyfk.audit suspects), got {cfg.strategies!r}"))
         dup = sorted({s for s in cfg.strategies if cfg.strategies.count(s) > 1})
         if dup:
             out.append(("strategies", f"strategies: expected distinct names, got {dup} more than once"))
@@ -243,6 +278,15 @@ def _static_problems(cfg: Config) -> list[tuple[str, str]]:
         bad("split_seed", f"an integer in [0, {_MAX_SEED}]")
     if not isinstance(cfg.calibrate, bool):
         bad("calibrate", "true or false (fit a temperature on the validation split every round)")
+    keys = {key for key, _ in out}
+    audited = [] if "strategies" in keys else [s for s in cfg.strategies if s.endswith(AUDIT_SUFFIX)]
+    if audited and not keys & {"relabel_share", "budget"} and not 1 <= relabel_count(cfg, audited[0]) < cfg.budget:
+        out.append(("relabel_share", f"relabel_share: expected a share of budget {cfg.budget} that rounds to "
+                                     f"between 1 and {cfg.budget - 1} re-asked labels per round for {audited}, "
+                                     f"got {cfg.relabel_share!r} ({cfg.relabel_share * cfg.budget:g} labels)"))
+    if audited and "initial" not in keys and cfg.initial < 2:
+        out.append(("initial", f"initial: expected at least 2 for {audited} (pyfk.audit judges each label by the "
+                               f"others), got {cfg.initial}"))
     return out
 
 
@@ -265,11 +309,13 @@ def _data_problems(cfg: Config, bad: set, ds: datasets.Dataset):
             out.append(("val_per_class", f"val_per_class/test_per_class: expected val_per_class + test_per_class "
                                          f"below {smallest} (the smallest class of dataset {cfg.dataset!r}, which "
                                          f"also needs pool images), got {cfg.val_per_class} + {cfg.test_per_class}"))
-    split_keys = {"imbalance", "minority", "val_per_class", "test_per_class", "label_noise", "split_seed"}
+    split_keys = {"imbalance", "minority", "val_per_class", "test_per_class", "label_noise", "label_noise_kind",
+                  "split_seed"}
     if not out and not bad & split_keys:
         split = datasets.biased_split(ds.y, imbalance=cfg.imbalance, minority=cfg.minority,
                                       val_per_class=cfg.val_per_class, test_per_class=cfg.test_per_class,
-                                      label_noise=cfg.label_noise, seed=cfg.split_seed)
+                                      label_noise=cfg.label_noise, noise_kind=cfg.label_noise_kind,
+                                      seed=cfg.split_seed)
         n = len(split.pool)
         if "initial" not in bad and cfg.initial > n:
             out.append(("initial", f"initial: expected at most the pool size {n}, got {cfg.initial}"))
@@ -278,7 +324,7 @@ def _data_problems(cfg: Config, bad: set, ds: datasets.Dataset):
                                   f"{cfg.initial} + {cfg.budget} x {cfg.rounds} = "
                                   f"{cfg.initial + cfg.budget * cfg.rounds}"))
         elif not bad & {"initial", "budget", "rounds", "k", "strategies"} and cfg.rounds > 0:
-            takes_k = [s for s in cfg.strategies if "k" in strategies.STRATEGIES[s].params]
+            takes_k = [s for s in cfg.strategies if "k" in strategies.STRATEGIES[base_strategy(s)].params]
             left = n - cfg.initial - cfg.budget * (cfg.rounds - 1)  # unlabeled pool at the last selection
             if takes_k and cfg.k > left:
                 out.append(("k", f"k: expected at most {left} (the unlabeled pool left at the last round, "
@@ -295,7 +341,7 @@ def _data_problems(cfg: Config, bad: set, ds: datasets.Dataset):
                                       f"{[n for n, _ in probe.named_children()]}"
                                       f"{f'; close matches: {close}' if close else ''}), got {missing}"))
         if "strategies" not in bad:
-            mc = [s for s in cfg.strategies if strategies.STRATEGIES[s].needs.passes == "mc_dropout"]
+            mc = [s for s in cfg.strategies if strategies.STRATEGIES[base_strategy(s)].needs.passes == "mc_dropout"]
             if mc and not _dropouts(probe):
                 out.append(("strategies", f"strategies: {mc} read MC-dropout passes, but model {cfg.model!r} has "
                                           "no Dropout module; use another model or strategy"))
@@ -432,13 +478,23 @@ def _atomic_json(path: str, obj, pause: str | None = None) -> None:
 # before them. config.json leaves a key out while it has that value, and a config.json without it
 # reads as that value: older run directories resume, and an older pyfk refuses (as a different
 # config) only the directories that use the key.
-_ADDED_KEYS = {"calibrate": False}
+_ADDED_KEYS = {"calibrate": False, "relabel_share": 0.25}
 
 
 def _config_record(cfg_dict: dict) -> dict:
-    """A config dict (as JSON) without the added keys that hold their old-behaviour value."""
-    return {k: v for k, v in cfg_dict.items()
-            if not (k in _ADDED_KEYS and type(v) is type(_ADDED_KEYS[k]) and v == _ADDED_KEYS[k])}
+    """A config dict (as JSON) without the added keys that hold their old-behaviour value.
+
+    label_noise_kind is added differently: its default ("symmetric", an exact count) is not what
+    runs made before it did ("bernoulli"). It is left out where there is no noise (it changes
+    nothing there), and a noisy config.json without it reads as "bernoulli": such a directory
+    resumes with label_noise_kind: "bernoulli" and is refused (a different config) without."""
+    out = {k: v for k, v in cfg_dict.items()
+           if not (k in _ADDED_KEYS and type(v) is type(_ADDED_KEYS[k]) and v == _ADDED_KEYS[k])}
+    if not out.get("label_noise"):
+        out.pop("label_noise_kind", None)
+    elif "label_noise_kind" not in out:
+        out["label_noise_kind"] = "bernoulli"
+    return out
 
 
 class Run:
@@ -530,6 +586,34 @@ def calibration_record(model, val_x: torch.Tensor, val_y: np.ndarray, bins: int 
 
 
 CALIBRATION_KEYS = ("temperature", "ece_before", "ece_after", "nll_before", "nll_after")
+NOISE_KEYS = ("wrong_labels", "queries")  # label_noise > 0; '+audit' strategies (labels + re-asked labels)
+
+
+def relabel(model, cfg: Config, layers, pool_x, labeled, labels, relabeled, truth, count: int, classes: int,
+            seed: int, r: int):
+    """Re-ask the `count` most suspect labels held (pyfk.audit over the labeled rows; rows asked
+    again before are skipped): (pool rows, the annotator's new answers, a small provenance dict).
+
+    The audit reads the labeled rows' pooled activations z (combine="features") and the neighbour
+    vote only (alpha=1): the model was trained on these very labels, so its probabilities for
+    them are in-sample and echo the given label. The new answer comes from the same annotator
+    (data.annotate_again: wrong again with probability label_noise, independently), seeded by
+    (seed, round, "relabel")."""
+    from pyfk.al.audit import audit  # the audit runs the engine; only "+audit" strategies need it
+
+    needs = Needs(pool=("descriptors",))
+    inputs, _ = model_inputs(needs, model, pool_x[labeled], layers=layers, seed=_seed_for(seed, r, "audit"))
+    held = labels.numpy()[labeled]
+    report = audit(inputs.descriptors, held, k=min(cfg.k, len(labeled) - 1), classes=classes)
+    order = labeled[report.indices]
+    rows = order[~np.isin(order, relabeled)][:count]
+    answers = datasets.annotate_again(truth[rows], cfg.label_noise, cfg.label_noise_kind, classes=classes,
+                                      seed=_seed_for(seed, r, "relabel"))
+    was = labels.numpy()[rows]
+    info = {"flagged": int(report.flagged.sum()), "n_issues": int(report.provenance["n_issues"]),
+            "asked_wrong": int((was != truth[rows]).sum()), "changed": int((answers != was).sum()),
+            "fixed": int(((was != truth[rows]) & (answers == truth[rows])).sum())}
+    return rows.astype(np.int64), answers.astype(np.int64), info
 
 
 def strategy_params(spec: Strategy, cfg: Config) -> dict:
@@ -553,7 +637,8 @@ def run(cfg: Config | dict, path: str, *, log=print, progress: bool = True) -> d
 def _run(cfg: Config, ds: datasets.Dataset, split: datasets.Split, state: Run, log, progress: bool) -> dict:
     x_all = torch.from_numpy(ds.x)
     pool_x, val_x, test_x = x_all[split.pool], x_all[split.val], x_all[split.test]
-    pool_y = torch.from_numpy(split.pool_labels)  # what the annotator returns (noise applied)
+    pool_y = torch.from_numpy(split.pool_labels)  # what the annotator returns first (noise applied)
+    truth = ds.y[split.pool]
     val_y, test_y = ds.y[split.val], ds.y[split.test]
     layers = cfg.layers or models.default_layers(cfg.model)
     shape = (ds.x.shape[1], ds.classes, ds.x.shape[-1])
@@ -576,12 +661,12 @@ def _run(cfg: Config, ds: datasets.Dataset, split: datasets.Split, state: Run, l
             pretrained[seed] = state.pretrained(seed, lambda: rotation_pretrain(cfg, pool_x, ds.classes, seed), like)
         return pretrained[seed]
 
-    def fit(seed, labeled, init_seed, train_seed):
+    def fit(seed, labeled, labels, init_seed, train_seed):
         model = seeded_model(cfg.model, *shape, init_seed)
         init = init_weights(seed)
         if init is not None:
             model.load_state_dict(init, strict=False)
-        return train(model, pool_x[labeled], pool_y[labeled], cfg.train_steps, cfg.batch_size, cfg.lr, train_seed,
+        return train(model, pool_x[labeled], labels[labeled], cfg.train_steps, cfg.batch_size, cfg.lr, train_seed,
                      pause="train")
 
     first_round = {}  # seed -> round-0 model: the same for every strategy (same labels, same seeds)
@@ -591,8 +676,13 @@ def _run(cfg: Config, ds: datasets.Dataset, split: datasets.Split, state: Run, l
             rounds = state.rounds(key)
             labeled = np.sort(np.random.default_rng(_seed_for(seed, "initial")).choice(
                 len(split.pool), cfg.initial, replace=False))
-            for rec in rounds:
+            labels = pool_y.clone()  # the labels held now: the first answers, then any re-asked ones
+            relabeled = np.zeros(0, dtype=np.int64)
+            for rec in rounds:  # replay the committed rounds
                 labeled = np.sort(np.concatenate([labeled, np.asarray(rec["selected"], dtype=np.int64)]))
+                if rec.get("relabeled"):
+                    labels[rec["relabeled"]] = torch.tensor(rec["relabels"], dtype=labels.dtype)
+                    relabeled = np.concatenate([relabeled, rec["relabeled"]])
             for r in range(len(rounds), cfg.rounds + 1):
                 t0 = time.perf_counter()
                 if r == 0 and seed in first_round:
@@ -600,7 +690,7 @@ def _run(cfg: Config, ds: datasets.Dataset, split: datasets.Split, state: Run, l
                     model.load_state_dict(first_round[seed])
                     model.eval()
                 else:
-                    model = fit(seed, labeled, _seed_for(seed, r, "init"), _seed_for(seed, r, "train"))
+                    model = fit(seed, labeled, labels, _seed_for(seed, r, "init"), _seed_for(seed, r, "train"))
                     if r == 0:
                         first_round[seed] = copy.deepcopy(model.state_dict())
                 train_s = time.perf_counter() - t0
@@ -609,18 +699,30 @@ def _run(cfg: Config, ds: datasets.Dataset, split: datasets.Split, state: Run, l
                           "selected": [], "selection_seconds": 0.0}
                 if cfg.calibrate:
                     record.update(calibration_record(model, val_x, val_y))
+                if cfg.label_noise > 0:
+                    record["wrong_labels"] = int((labels.numpy()[labeled] != truth[labeled]).sum())
+                if strategy.endswith(AUDIT_SUFFIX):
+                    record["queries"] = int(len(labeled) + len(relabeled))
                 if r < cfg.rounds:
                     t0 = time.perf_counter()
-                    spec = strategies.STRATEGIES[strategy]
+                    name = base_strategy(strategy)
+                    spec = strategies.STRATEGIES[name]
+                    if strategy.endswith(AUDIT_SUFFIX):  # first re-ask the most suspect labels held
+                        rows, answers, info = relabel(model, cfg, layers, pool_x, labeled, labels, relabeled, truth,
+                                                      relabel_count(cfg, strategy), ds.classes, seed, r)
+                        labels[rows] = torch.from_numpy(answers).to(labels.dtype)
+                        relabeled = np.concatenate([relabeled, rows])
+                        record.update(relabeled=rows.tolist(), relabels=answers.tolist(), audit=info)
+                    budget = cfg.budget - len(record.get("relabeled", ()))
                     members = []
                     if spec.needs.passes == "ensemble":  # extra members: same labels, other seeds
-                        members = [fit(seed, labeled, _seed_for(seed, r, "member-init", e),
+                        members = [fit(seed, labeled, labels, _seed_for(seed, r, "member-init", e),
                                        _seed_for(seed, r, "member-train", e)) for e in range(1, cfg.ensemble_size)]
                     inputs, val = strategy_inputs(spec.needs, model, cfg, layers, pool_x, val_x, val_y,
                                                   _seed_for(seed, r, "inputs"), members)
                     if cfg.calibrate:
                         inputs = calibrated_inputs(inputs, record["temperature"])
-                    sel = strategies.select(strategy, inputs, cfg.budget, labeled=labeled,
+                    sel = strategies.select(name, inputs, budget, labeled=labeled,
                                             seed=_seed_for(seed, r, "select"), val=val, **strategy_params(spec, cfg))
                     record["selection_seconds"] = round(time.perf_counter() - t0, 3)
                     record["selected"] = sel.indices.tolist()
@@ -644,20 +746,21 @@ def write_results(state: Run, split=None) -> dict:
                          "majority_accuracy": rec["majority_accuracy"],
                          "selected_minority": rec.get("selected_minority", 0),
                          "selection_seconds": rec["selection_seconds"],
-                         **{k: rec[k] for k in CALIBRATION_KEYS if k in rec}})  # calibrate: true
+                         **{k: rec[k] for k in CALIBRATION_KEYS + NOISE_KEYS if k in rec}})  # when recorded
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in rows for k in row)) or ["strategy"])
     writer.writeheader()
     writer.writerows(rows)
     _atomic_write(os.path.join(state.path, "results.csv"), lambda f: f.write(text.getvalue().encode()))
-    summary = summarise(rows)
-    _atomic_json(os.path.join(state.path, "results.json"), {"rows": rows, "summary": summary})
+    summary, paired = summarise(rows), compare(rows)
+    _atomic_json(os.path.join(state.path, "results.json"), {"rows": rows, "summary": summary, "paired": paired})
     plot(summary, os.path.join(state.path, "curve.png"))
-    return {"rows": rows, "summary": summary, "path": state.path}
+    return {"rows": rows, "summary": summary, "paired": paired, "path": state.path}
 
 
 def summarise(rows: list) -> dict:
-    """strategy -> round -> mean/min/max over seeds."""
+    """strategy -> per round: mean/min/max over seeds, and for accuracy and minority_accuracy the
+    95% t-interval of the mean ([m_lo, m_hi]; None for a single seed; see pyfk.al.stats)."""
     out: dict = {}
     for row in rows:
         out.setdefault(row["strategy"], {}).setdefault(row["round"], []).append(row)
@@ -668,50 +771,150 @@ def summarise(rows: list) -> dict:
             rs = by_round[r]
             entry = {"round": r, "labels": rs[0]["labels"], "seeds": len(rs)}
             metrics = ["accuracy", "minority_accuracy", "selection_seconds", "selected_minority"]
-            metrics += [k for k in CALIBRATION_KEYS if all(k in x for x in rs)]
+            metrics += [k for k in CALIBRATION_KEYS + NOISE_KEYS if all(k in x for x in rs)]
             for m in metrics:
                 vals = np.array([x[m] for x in rs], dtype=np.float64)
                 entry[m] = float(vals.mean())
                 entry[m + "_min"], entry[m + "_max"] = float(vals.min()), float(vals.max())
+                if m in PAIRED_METRICS:
+                    mean, half = stats.interval(vals)
+                    bounds = (None, None) if math.isnan(half) else (mean - half, mean + half)
+                    entry[m + "_lo"], entry[m + "_hi"] = bounds
             summary[strategy].append(entry)
     return summary
 
 
+PAIRED_METRICS = ("minority_accuracy", "accuracy")
+
+
+def compare(rows: list, reference: str = "pfk") -> dict:
+    """`reference` against every other strategy, paired by seed (pyfk.al.stats.paired).
+
+    For each metric in PAIRED_METRICS and each other strategy: per round r >= 1 (round 0 is one
+    model shared by every strategy, so its differences are 0) the reference-minus-other difference
+    over the seeds both ran, and "mean": the same over the per-seed mean of rounds 1..R (R: the
+    last round both finished for every seed; the area under the curve, one comparison instead of
+    R). Returns {} when `reference` did not run or nothing pairs."""
+    table: dict = {}
+    for row in rows:
+        table.setdefault(row["strategy"], {}).setdefault(row["seed"], {})[row["round"]] = row
+    if reference not in table or len(table) < 2:
+        return {}
+    ref = table[reference]
+    result = {"reference": reference, "confidence": stats.CONFIDENCE, "metrics": {}}
+    for metric in PAIRED_METRICS:
+        per_other = {}
+        for other, runs in table.items():
+            if other == reference:
+                continue
+            seeds = sorted(set(ref) & set(runs))
+            rounds = sorted({r for s in seeds for r in ref[s]} & {r for s in seeds for r in runs[s]} - {0})
+            entries = []
+            for r in rounds:
+                both = [s for s in seeds if r in ref[s] and r in runs[s]]
+                if both:
+                    p = stats.paired([ref[s][r][metric] for s in both], [runs[s][r][metric] for s in both])
+                    entries.append({"round": r, "labels": ref[both[0]][r]["labels"], **p.to_dict()})
+            last = min((max(set(ref[s]) & set(runs[s])) for s in seeds), default=0)
+            mean = None
+            if last >= 1:
+                span = range(1, last + 1)
+                p = stats.paired([np.mean([ref[s][r][metric] for r in span]) for s in seeds],
+                                 [np.mean([runs[s][r][metric] for r in span]) for s in seeds])
+                mean = {"rounds": [1, last], **p.to_dict()}
+            per_other[other] = {"rounds": entries, "mean": mean}
+        result["metrics"][metric] = per_other
+    return result
+
+
 def plot(summary: dict, path: str) -> None:
+    """Mean over seeds per strategy; bands: the 95% t-interval of the mean (min-max for one seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    seeds = min((e["seeds"] for entries in summary.values() for e in entries), default=1)
     for strategy, entries in summary.items():
         labels = [e["labels"] for e in entries]
         for ax, metric in zip(axes, ("accuracy", "minority_accuracy")):
             mean = [e[metric] for e in entries]
             ax.plot(labels, mean, marker="o", label=strategy)
-            ax.fill_between(labels, [e[metric + "_min"] for e in entries], [e[metric + "_max"] for e in entries],
-                            alpha=0.15)
+            lo, hi = ("_lo", "_hi") if all(e.get(metric + "_lo") is not None for e in entries) else ("_min", "_max")
+            ax.fill_between(labels, [e[metric + lo] for e in entries], [e[metric + hi] for e in entries], alpha=0.15)
     for ax, title in zip(axes, ("test accuracy", "minority-group test accuracy")):
         ax.set_xlabel("labels used")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle("mean over seeds; bands: min-max over seeds", fontsize=9)
+    band = "95% t-interval of the mean" if seeds >= 2 else "one seed, no interval"
+    fig.suptitle(f"mean over {seeds} seed{'s' if seeds != 1 else ''}; bands: {band}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def format_table(summary: dict) -> str:
+def _mean_ci(e: dict, metric: str) -> str:
+    if e.get(metric + "_lo") is None:
+        return f"{e[metric]:.3f}" + " " * 8
+    return f"{e[metric]:.3f}±{(e[metric + '_hi'] - e[metric + '_lo']) / 2:.3f}"
+
+
+def format_table(summary: dict, paired: dict | None = None) -> str:
+    """Per strategy and round: mean over seeds (± half-width of the 95% t-interval of the mean);
+    then, given `compare`'s result, the paired differences reference - other."""
     lines = []
     for strategy, entries in summary.items():
         calibrated = bool(entries) and all("temperature" in e for e in entries)
-        lines.append(f"\n{strategy}")
-        lines.append(f"  {'round':>5} {'labels':>6} {'accuracy':>9} {'minority':>9} {'picked-min':>10} {'select s':>9}"
-                     + (f" {'T':>6} {'val ECE':>15}" if calibrated else ""))
+        noisy = bool(entries) and all("wrong_labels" in e for e in entries)
+        asked = bool(entries) and all("queries" in e for e in entries)
+        seeds = min(e["seeds"] for e in entries) if entries else 0
+        lines.append(f"\n{strategy} ({seeds} seed{'s' if seeds != 1 else ''}; ± half-width of the 95% interval)")
+        lines.append(f"  {'round':>5} {'labels':>6} {'accuracy':>13} {'minority':>13} {'picked-min':>10} "
+                     f"{'select s':>9}" + (f" {'T':>6} {'val ECE':>15}" if calibrated else "")
+                     + (f" {'wrong':>6}" if noisy else "") + (f" {'queries':>7}" if asked else ""))
         for e in entries:
-            lines.append(f"  {e['round']:>5} {e['labels']:>6} {e['accuracy']:>9.3f} {e['minority_accuracy']:>9.3f} "
-                         f"{e['selected_minority']:>10.1f} {e['selection_seconds']:>9.2f}"
+            lines.append(f"  {e['round']:>5} {e['labels']:>6} {_mean_ci(e, 'accuracy'):>13} "
+                         f"{_mean_ci(e, 'minority_accuracy'):>13} {e['selected_minority']:>10.1f} "
+                         f"{e['selection_seconds']:>9.2f}"
                          + (f" {e['temperature']:>6.3f} {e['ece_before']:>6.3f} -> {e['ece_after']:.3f}"
-                            if calibrated else ""))
+                            if calibrated else "")
+                         + (f" {e['wrong_labels']:>6.1f}" if noisy else "")
+                         + (f" {e['queries']:>7.0f}" if asked else ""))
+    if paired and paired.get("metrics"):
+        lines.append(format_paired(paired))
+    return "\n".join(lines)
+
+
+def format_paired(paired: dict) -> str:
+    """`compare`'s result as text: per metric and other strategy, the mean difference, its 95%
+    interval and wins-ties-losses per round; '*' marks an interval that excludes 0."""
+    ref = paired["reference"]
+    lines = [f"\n{ref} minus each other strategy, paired by seed (same initial labels and round-0 model): "
+             f"mean difference [95% interval] wins-ties-losses; * = the interval excludes 0"]
+
+    def cell(p):
+        if p["lo"] is None:
+            return f"{p['diff']:+.3f} (1 seed)"
+        return (f"{p['diff']:+.3f} [{p['lo']:+.3f},{p['hi']:+.3f}] {p['wins']}-{p['ties']}-{p['losses']}"
+                + ("*" if p["holds"] else ""))
+
+    for metric, others in paired["metrics"].items():
+        lines.append(f"  {metric}")
+        for other, res in others.items():
+            parts = [(f"{e['labels']} labels", cell(e)) for e in res["rounds"]]
+            if res["mean"] is not None:
+                parts.append(("rounds {}-{}".format(*res["mean"]["rounds"]), cell(res["mean"])))
+            head = f"    vs {other:<12}"
+            for i, (what, text) in enumerate(parts or [("", "nothing to pair")]):
+                lines.append(f"{head if i == 0 else ' ' * len(head)} {what:>11}  {text}")
+        means = {o: r["mean"] for o, r in others.items() if r["mean"] is not None}
+        if means:
+            above = [o for o, m in means.items() if m["holds"] and m["diff"] > 0]
+            below = [o for o, m in means.items() if m["holds"] and m["diff"] < 0]
+            unclear = [o for o in means if o not in above and o not in below]
+            lines.append(f"    => over the mean of the rounds, at 95%: {ref} above "
+                         f"{', '.join(above) or 'none'}; below {', '.join(below) or 'none'}; "
+                         f"not separated from {', '.join(unclear) or 'none'}")
     return "\n".join(lines)

@@ -46,6 +46,16 @@ BAD = [
     ({"label_noise": "x"}, "label_noise"),
     ({"label_noise": 1.0}, "label_noise"),
     ({"label_noise": -0.1}, "label_noise"),
+    ({"label_noise_kind": "pairwise"}, "label_noise_kind"),
+    ({"label_noise_kind": None}, "label_noise_kind"),
+    ({"relabel_share": 0.0, "strategies": ["pfk+audit"]}, "relabel_share"),
+    ({"relabel_share": 1.0}, "relabel_share"),
+    ({"relabel_share": "half"}, "relabel_share"),
+    ({"relabel_share": 0.01, "strategies": ["entropy+audit"]}, "relabel_share"),  # rounds to 0 labels
+    ({"relabel_share": 0.99, "strategies": ["entropy+audit"]}, "relabel_share"),  # rounds to the whole budget
+    ({"strategies": ["pfk+audti"]}, "strategies"),
+    ({"strategies": ["foo+audit"]}, "strategies"),
+    ({"strategies": ["random+audit"], "initial": 1}, "initial"),
     ({"split_seed": -1}, "split_seed"),
     ({"split_seed": "0"}, "split_seed"),
     ({"val_per_class": 0}, "val_per_class"),
