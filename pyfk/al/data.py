@@ -245,10 +245,20 @@ def annotate_again(truth, rate: float, kind: str = "symmetric", *, classes: int,
     independently per row and of any earlier answer (per-row coins: a handful of re-asked labels
     has no meaningful exact count). A wrong answer is, as in inject_label_noise, a uniformly drawn
     other class ("symmetric", "bernoulli") or the next class c + 1 mod C ("class_conditional").
-    truth: (n,) ints in [0, classes). Returns (n,) int64."""
-    truth = np.asarray(truth, dtype=np.int64)
+    truth: (n,) ints in [0, classes) (class positions), classes >= 2, rate in [0, 1).
+    Returns (n,) int64."""
+    truth = np.asarray(truth)
+    if truth.ndim != 1 or not np.issubdtype(truth.dtype, np.integer):
+        raise TypeError(f"truth: expected a 1-D integer array, got {truth.dtype} of shape {truth.shape}")
+    truth = truth.astype(np.int64)
     if kind not in SPLIT_NOISE_KINDS:
         raise ValueError(f"kind: expected one of {list(SPLIT_NOISE_KINDS)}, got {kind!r}")
+    if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 2:
+        raise ValueError(f"classes: expected an integer >= 2, got {classes!r}")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating)) or not 0 <= float(rate) < 1:
+        raise ValueError(f"rate: expected a fraction in [0, 1), got {rate!r}")
+    if truth.size and (truth.min() < 0 or truth.max() >= classes):
+        raise ValueError(f"truth: expected classes in [0, {classes}), got range [{truth.min()}, {truth.max()}]")
     rng = np.random.default_rng(seed)
     wrong = rng.random(len(truth)) < rate
     shift = rng.integers(1, classes, size=len(truth)) if kind != "class_conditional" else np.ones(len(truth), np.int64)

@@ -22,8 +22,12 @@ With noise, every round records `wrong_labels`: the labeled rows whose held labe
 A strategy named "<name>+audit" (e.g. "pfk+audit") is <name> that first spends
 round(relabel_share x budget) of each round's budget re-asking the labels pyfk.audit ranks most
 suspect among those held (rows not asked before; `relabel`), then picks the rest of the budget
-with <name>. Re-asking consults the same annotator again (data.annotate_again: wrong with
-probability label_noise, independently), so a re-asked label can stay or become wrong. Its
+with <name>. Re-asking consults the same annotator again: its second answer for each pool row is
+drawn once per seed (data.annotate_again from (seed, "second-answer"): wrong with probability
+label_noise, independently of the first), so every '+audit' strategy of a seed gets the same
+answer for the same row, and a re-asked label can stay or become wrong. Which first answers are
+wrong is fixed by split_seed, not by the run seed: intervals over seeds hold for that one noise
+pattern. Its
 records add `relabeled` / `relabels` (rows, new answers), `audit` (flagged, n_issues,
 asked_wrong, changed, fixed) and `queries` (labeled rows + labels re-asked so far: its
 annotation cost, equal to `labels` of the plain strategies at the same round).
@@ -117,8 +121,9 @@ def base_strategy(name: str) -> str:
 
 
 def relabel_count(cfg: Config, name: str) -> int:
-    """Labels re-asked per round by strategy `name`: round(relabel_share x budget) for '+audit', else 0."""
-    return int(round(cfg.relabel_share * cfg.budget)) if name.endswith(AUDIT_SUFFIX) else 0
+    """Labels re-asked per round by strategy `name`: relabel_share x budget rounded half up for
+    '+audit', else 0."""
+    return int(math.floor(cfg.relabel_share * cfg.budget + 0.5)) if name.endswith(AUDIT_SUFFIX) else 0
 
 
 class ConfigError(ValueError):
@@ -280,7 +285,10 @@ def _static_problems(cfg: Config) -> list[tuple[str, str]]:
         bad("calibrate", "true or false (fit a temperature on the validation split every round)")
     keys = {key for key, _ in out}
     audited = [] if "strategies" in keys else [s for s in cfg.strategies if s.endswith(AUDIT_SUFFIX)]
-    if audited and not keys & {"relabel_share", "budget"} and not 1 <= relabel_count(cfg, audited[0]) < cfg.budget:
+    if audited and "budget" not in keys and cfg.budget < 2:
+        out.append(("budget", f"budget: expected at least 2 for {audited} (a re-asked label and a new one per "
+                              f"round), got {cfg.budget}"))
+    elif audited and not keys & {"relabel_share", "budget"} and not 1 <= relabel_count(cfg, audited[0]) < cfg.budget:
         out.append(("relabel_share", f"relabel_share: expected a share of budget {cfg.budget} that rounds to "
                                      f"between 1 and {cfg.budget - 1} re-asked labels per round for {audited}, "
                                      f"got {cfg.relabel_share!r} ({cfg.relabel_share * cfg.budget:g} labels)"))
@@ -490,6 +498,8 @@ def _config_record(cfg_dict: dict) -> dict:
     resumes with label_noise_kind: "bernoulli" and is refused (a different config) without."""
     out = {k: v for k, v in cfg_dict.items()
            if not (k in _ADDED_KEYS and type(v) is type(_ADDED_KEYS[k]) and v == _ADDED_KEYS[k])}
+    if not any(isinstance(s, str) and s.endswith(AUDIT_SUFFIX) for s in out.get("strategies") or ()):
+        out.pop("relabel_share", None)  # read by '+audit' strategies only
     if not out.get("label_noise"):
         out.pop("label_noise_kind", None)
     elif "label_noise_kind" not in out:
@@ -513,7 +523,9 @@ class Run:
             old = _config_record(old) if isinstance(old, dict) else old
             if old != cfg_dict:
                 diff = sorted(k for k in set(cfg_dict) | set(old) if old.get(k) != cfg_dict.get(k))
-                raise ValueError(f"run: {path} holds a run with a different config (keys {diff}); "
+                hint = (' (set "label_noise_kind": "bernoulli" to resume a noisy run made before that key existed)'
+                        if diff == ["label_noise_kind"] and old.get("label_noise_kind") == "bernoulli" else "")
+                raise ValueError(f"run: {path} holds a run with a different config (keys {diff}){hint}; "
                                  "use another directory or delete it")
         if os.path.exists(self.state_file):
             with open(self.state_file) as f:
@@ -589,31 +601,21 @@ CALIBRATION_KEYS = ("temperature", "ece_before", "ece_after", "nll_before", "nll
 NOISE_KEYS = ("wrong_labels", "queries")  # label_noise > 0; '+audit' strategies (labels + re-asked labels)
 
 
-def relabel(model, cfg: Config, layers, pool_x, labeled, labels, relabeled, truth, count: int, classes: int,
-            seed: int, r: int):
-    """Re-ask the `count` most suspect labels held (pyfk.audit over the labeled rows; rows asked
-    again before are skipped): (pool rows, the annotator's new answers, a small provenance dict).
+def relabel(model, cfg: Config, layers, pool_x, labeled, labels, relabeled, count: int, classes: int,
+            seed: int) -> tuple[np.ndarray, dict]:
+    """The `count` labeled rows whose held labels pyfk.audit finds most suspect, rows asked again
+    before skipped: (pool rows in rank order, {"flagged", "n_issues"} of the audit).
 
-    The audit reads the labeled rows' pooled activations z (combine="features") and the neighbour
-    vote only (alpha=1): the model was trained on these very labels, so its probabilities for
-    them are in-sample and echo the given label. The new answer comes from the same annotator
-    (data.annotate_again: wrong again with probability label_noise, independently), seeded by
-    (seed, round, "relabel")."""
+    The audit reads the labeled rows' pooled activations z (combine="features"; extraction seeded
+    by `seed`) and the neighbour vote only (alpha=1): the model was trained on these very labels,
+    so its probabilities for them are in-sample and echo the given label."""
     from pyfk.al.audit import audit  # the audit runs the engine; only "+audit" strategies need it
 
-    needs = Needs(pool=("descriptors",))
-    inputs, _ = model_inputs(needs, model, pool_x[labeled], layers=layers, seed=_seed_for(seed, r, "audit"))
-    held = labels.numpy()[labeled]
-    report = audit(inputs.descriptors, held, k=min(cfg.k, len(labeled) - 1), classes=classes)
+    inputs, _ = model_inputs(Needs(pool=("descriptors",)), model, pool_x[labeled], layers=layers, seed=seed)
+    report = audit(inputs.descriptors, labels.numpy()[labeled], k=min(cfg.k, len(labeled) - 1), classes=classes)
     order = labeled[report.indices]
     rows = order[~np.isin(order, relabeled)][:count]
-    answers = datasets.annotate_again(truth[rows], cfg.label_noise, cfg.label_noise_kind, classes=classes,
-                                      seed=_seed_for(seed, r, "relabel"))
-    was = labels.numpy()[rows]
-    info = {"flagged": int(report.flagged.sum()), "n_issues": int(report.provenance["n_issues"]),
-            "asked_wrong": int((was != truth[rows]).sum()), "changed": int((answers != was).sum()),
-            "fixed": int(((was != truth[rows]) & (answers == truth[rows])).sum())}
-    return rows.astype(np.int64), answers.astype(np.int64), info
+    return rows.astype(np.int64), {"flagged": int(report.flagged.sum()), "n_issues": int(report.provenance["n_issues"])}
 
 
 def strategy_params(spec: Strategy, cfg: Config) -> dict:
@@ -670,6 +672,7 @@ def _run(cfg: Config, ds: datasets.Dataset, split: datasets.Split, state: Run, l
                      pause="train")
 
     first_round = {}  # seed -> round-0 model: the same for every strategy (same labels, same seeds)
+    second_answers = {}  # seed -> what the annotator answers when a pool row is asked again ('+audit')
     for seed in cfg.seeds:
         for strategy in cfg.strategies:
             key = f"{strategy}/seed{seed}"
@@ -707,13 +710,6 @@ def _run(cfg: Config, ds: datasets.Dataset, split: datasets.Split, state: Run, l
                     t0 = time.perf_counter()
                     name = base_strategy(strategy)
                     spec = strategies.STRATEGIES[name]
-                    if strategy.endswith(AUDIT_SUFFIX):  # first re-ask the most suspect labels held
-                        rows, answers, info = relabel(model, cfg, layers, pool_x, labeled, labels, relabeled, truth,
-                                                      relabel_count(cfg, strategy), ds.classes, seed, r)
-                        labels[rows] = torch.from_numpy(answers).to(labels.dtype)
-                        relabeled = np.concatenate([relabeled, rows])
-                        record.update(relabeled=rows.tolist(), relabels=answers.tolist(), audit=info)
-                    budget = cfg.budget - len(record.get("relabeled", ()))
                     members = []
                     if spec.needs.passes == "ensemble":  # extra members: same labels, other seeds
                         members = [fit(seed, labeled, labels, _seed_for(seed, r, "member-init", e),
@@ -722,6 +718,21 @@ def _run(cfg: Config, ds: datasets.Dataset, split: datasets.Split, state: Run, l
                                                   _seed_for(seed, r, "inputs"), members)
                     if cfg.calibrate:
                         inputs = calibrated_inputs(inputs, record["temperature"])
+                    if strategy.endswith(AUDIT_SUFFIX):  # re-ask the most suspect labels held, then pick the rest
+                        if seed not in second_answers:
+                            second_answers[seed] = datasets.annotate_again(
+                                truth, cfg.label_noise, cfg.label_noise_kind, classes=ds.classes,
+                                seed=_seed_for(seed, "second-answer"))
+                        rows, info = relabel(model, cfg, layers, pool_x, labeled, labels, relabeled,
+                                             relabel_count(cfg, strategy), ds.classes, _seed_for(seed, r, "audit"))
+                        answers = second_answers[seed][rows]
+                        was = labels.numpy()[rows]
+                        info.update(asked_wrong=int((was != truth[rows]).sum()), changed=int((answers != was).sum()),
+                                    fixed=int(((was != truth[rows]) & (answers == truth[rows])).sum()))
+                        labels[rows] = torch.from_numpy(answers).to(labels.dtype)
+                        relabeled = np.concatenate([relabeled, rows])
+                        record.update(relabeled=rows.tolist(), relabels=answers.tolist(), audit=info)
+                    budget = cfg.budget - len(record.get("relabeled", ()))
                     sel = strategies.select(name, inputs, budget, labeled=labeled,
                                             seed=_seed_for(seed, r, "select"), val=val, **strategy_params(spec, cfg))
                     record["selection_seconds"] = round(time.perf_counter() - t0, 3)
@@ -759,8 +770,10 @@ def write_results(state: Run, split=None) -> dict:
 
 
 def summarise(rows: list) -> dict:
-    """strategy -> per round: mean/min/max over seeds, and for accuracy and minority_accuracy the
-    95% t-interval of the mean ([m_lo, m_hi]; None for a single seed; see pyfk.al.stats)."""
+    """strategy -> per round: mean/min/max over seeds, and for accuracy, minority_accuracy and
+    wrong_labels the 95% t-interval of the mean ([m_lo, m_hi]; None for a single seed; pyfk.al.stats).
+    A metric is summarised for a round only where every seed's row has it (e.g. rounds of a resumed
+    run made before the key existed lack wrong_labels; format_table then leaves the column out)."""
     out: dict = {}
     for row in rows:
         out.setdefault(row["strategy"], {}).setdefault(row["round"], []).append(row)
@@ -771,12 +784,12 @@ def summarise(rows: list) -> dict:
             rs = by_round[r]
             entry = {"round": r, "labels": rs[0]["labels"], "seeds": len(rs)}
             metrics = ["accuracy", "minority_accuracy", "selection_seconds", "selected_minority"]
-            metrics += [k for k in CALIBRATION_KEYS + NOISE_KEYS if all(k in x for x in rs)]
+            metrics = [k for k in metrics + list(CALIBRATION_KEYS + NOISE_KEYS) if all(k in x for x in rs)]
             for m in metrics:
                 vals = np.array([x[m] for x in rs], dtype=np.float64)
                 entry[m] = float(vals.mean())
                 entry[m + "_min"], entry[m + "_max"] = float(vals.min()), float(vals.max())
-                if m in PAIRED_METRICS:
+                if m in PAIRED_METRICS + ("wrong_labels",):
                     mean, half = stats.interval(vals)
                     bounds = (None, None) if math.isnan(half) else (mean - half, mean + half)
                     entry[m + "_lo"], entry[m + "_hi"] = bounds
@@ -787,14 +800,16 @@ def summarise(rows: list) -> dict:
 PAIRED_METRICS = ("minority_accuracy", "accuracy")
 
 
-def compare(rows: list, reference: str = "pfk") -> dict:
+def compare(rows: list, reference: str = "pfk", metrics=PAIRED_METRICS) -> dict:
     """`reference` against every other strategy, paired by seed (pyfk.al.stats.paired).
 
-    For each metric in PAIRED_METRICS and each other strategy: per round r >= 1 (round 0 is one
-    model shared by every strategy, so its differences are 0) the reference-minus-other difference
-    over the seeds both ran, and "mean": the same over the per-seed mean of rounds 1..R (R: the
-    last round both finished for every seed; the area under the curve, one comparison instead of
-    R). Returns {} when `reference` did not run or nothing pairs."""
+    For each of `metrics` (row keys; a strategy whose rows lack one is not compared on it) and each
+    other strategy: per round r >= 1 (round 0 is one model shared by every strategy, so its
+    differences are 0) the reference-minus-other difference over the seeds both ran, with the
+    round's labels (and `queries` for a '+audit' reference: its annotation cost), and "mean": the
+    same over the per-seed mean of rounds 1..R (R: the last round both finished for every seed; the
+    area under the curve, one comparison instead of R). Returns {} when `reference` did not run or
+    nothing pairs."""
     table: dict = {}
     for row in rows:
         table.setdefault(row["strategy"], {}).setdefault(row["seed"], {})[row["round"]] = row
@@ -802,10 +817,11 @@ def compare(rows: list, reference: str = "pfk") -> dict:
         return {}
     ref = table[reference]
     result = {"reference": reference, "confidence": stats.CONFIDENCE, "metrics": {}}
-    for metric in PAIRED_METRICS:
+    for metric in metrics:
         per_other = {}
         for other, runs in table.items():
-            if other == reference:
+            if other == reference or not all(metric in row for t in (ref, runs) for s in t.values()
+                                             for row in s.values()):
                 continue
             seeds = sorted(set(ref) & set(runs))
             rounds = sorted({r for s in seeds for r in ref[s]} & {r for s in seeds for r in runs[s]} - {0})
@@ -814,8 +830,9 @@ def compare(rows: list, reference: str = "pfk") -> dict:
                 both = [s for s in seeds if r in ref[s] and r in runs[s]]
                 if both:
                     p = stats.paired([ref[s][r][metric] for s in both], [runs[s][r][metric] for s in both])
-                    entries.append({"round": r, "labels": ref[both[0]][r]["labels"], **p.to_dict()})
-            last = min((max(set(ref[s]) & set(runs[s])) for s in seeds), default=0)
+                    cost = {k: ref[both[0]][r][k] for k in ("labels", "queries") if k in ref[both[0]][r]}
+                    entries.append({"round": r, **cost, **p.to_dict()})
+            last = min((max(set(ref[s]) & set(runs[s]), default=0) for s in seeds), default=0)
             mean = None
             if last >= 1:
                 span = range(1, last + 1)
@@ -823,28 +840,34 @@ def compare(rows: list, reference: str = "pfk") -> dict:
                                  [np.mean([runs[s][r][metric] for r in span]) for s in seeds])
                 mean = {"rounds": [1, last], **p.to_dict()}
             per_other[other] = {"rounds": entries, "mean": mean}
-        result["metrics"][metric] = per_other
+        if per_other:
+            result["metrics"][metric] = per_other
     return result
 
 
 def plot(summary: dict, path: str) -> None:
-    """Mean over seeds per strategy; bands: the 95% t-interval of the mean (min-max for one seed)."""
+    """Mean over seeds per strategy against annotation cost (labels, plus re-asked labels for
+    '+audit'); bands: the 95% t-interval of the mean (min-max for one seed). A third panel shows
+    the wrong labels held when the run has label noise."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    noisy = bool(summary) and all("wrong_labels" in e for entries in summary.values() for e in entries)
+    panels = [("accuracy", "test accuracy"), ("minority_accuracy", "minority-group test accuracy")]
+    panels += [("wrong_labels", "wrong labels held")] if noisy else []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2))
     seeds = min((e["seeds"] for entries in summary.values() for e in entries), default=1)
     for strategy, entries in summary.items():
-        labels = [e["labels"] for e in entries]
-        for ax, metric in zip(axes, ("accuracy", "minority_accuracy")):
-            mean = [e[metric] for e in entries]
-            ax.plot(labels, mean, marker="o", label=strategy)
+        cost = [e.get("queries", e["labels"]) for e in entries]
+        for ax, (metric, _) in zip(axes, panels):
+            ax.plot(cost, [e[metric] for e in entries], marker="o", label=strategy)
             lo, hi = ("_lo", "_hi") if all(e.get(metric + "_lo") is not None for e in entries) else ("_min", "_max")
-            ax.fill_between(labels, [e[metric + lo] for e in entries], [e[metric + hi] for e in entries], alpha=0.15)
-    for ax, title in zip(axes, ("test accuracy", "minority-group test accuracy")):
-        ax.set_xlabel("labels used")
+            ax.fill_between(cost, [e[metric + lo] for e in entries], [e[metric + hi] for e in entries], alpha=0.15)
+    asked = any("queries" in e for entries in summary.values() for e in entries)
+    for ax, (_, title) in zip(axes, panels):
+        ax.set_xlabel("labels used" + (" (+ labels re-asked, for +audit)" if asked else ""))
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend()
@@ -902,11 +925,12 @@ def format_paired(paired: dict) -> str:
 
     for metric, others in paired["metrics"].items():
         lines.append(f"  {metric}")
+        width = max(map(len, others), default=0)
         for other, res in others.items():
-            parts = [(f"{e['labels']} labels", cell(e)) for e in res["rounds"]]
+            parts = [(f"{e.get('queries', e['labels'])} labels", cell(e)) for e in res["rounds"]]
             if res["mean"] is not None:
                 parts.append(("rounds {}-{}".format(*res["mean"]["rounds"]), cell(res["mean"])))
-            head = f"    vs {other:<12}"
+            head = f"    vs {other:<{width}}"
             for i, (what, text) in enumerate(parts or [("", "nothing to pair")]):
                 lines.append(f"{head if i == 0 else ' ' * len(head)} {what:>11}  {text}")
         means = {o: r["mean"] for o, r in others.items() if r["mean"] is not None}

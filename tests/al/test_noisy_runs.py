@@ -2,6 +2,8 @@
 spends part of each round's budget re-asking the labels pyfk.audit suspects."""
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,10 +114,9 @@ def test_audit_rounds_split_the_budget_and_replay(noisy_run):
                 assert rec["audit"]["asked_wrong"] == int((labels[rows] != truth[rows]).sum())
                 assert rec["audit"]["fixed"] == int(((labels[rows] != truth[rows])
                                                      & (np.array(answers) == truth[rows])).sum())
-                np.testing.assert_array_equal(  # the same annotator, asked again with the round's seed
-                    answers, data.annotate_again(truth[rows], cfg.label_noise, cfg.label_noise_kind,
-                                                 classes=ds.classes,
-                                                 seed=runner._seed_for(int(seed), rec["round"], "relabel")))
+                second = data.annotate_again(truth, cfg.label_noise, cfg.label_noise_kind, classes=ds.classes,
+                                             seed=runner._seed_for(int(seed), "second-answer"))
+                np.testing.assert_array_equal(answers, second[rows])  # the seed's second answer for each row
                 labels[rows] = answers
                 asked += rows
             else:
@@ -147,23 +148,25 @@ def test_relabel_asks_the_audits_top_suspects(monkeypatch):
         return Report()
 
     monkeypatch.setattr(audit_module, "audit", fake_audit)
-    truth = ds.y[split.pool]
     layers = runner.models.default_layers(cfg.model)
-    rows, answers, info = runner.relabel(model, cfg, layers, pool_x, labeled, labels, np.array([10]), truth, 3,
-                                         ds.classes, 0, 1)
+    rows, info = runner.relabel(model, cfg, layers, pool_x, labeled, labels, np.array([10]), 3, ds.classes, 0)
     assert rows.tolist() == [50, 60, 3]  # 10 (rank 2) was asked before
     assert seen["n"] == 6 and seen["given"].tolist() == split.pool_labels[labeled].tolist()
     assert seen["kw"]["k"] == min(cfg.k, 5) and "probs" not in seen["kw"]
     assert info["flagged"] == 2 and info["n_issues"] == 2
 
 
-def test_interrupted_audit_run_resumes_identically(tmp_path, monkeypatch, noisy_run):
+@pytest.mark.parametrize("cut", [4, 8])
+def test_interrupted_audit_run_resumes_identically(tmp_path, monkeypatch, noisy_run, cut):
+    """Killed at the 5th commit (entropy+audit/seed0 round 1: the resumed process replays a round of
+    re-asked labels, then re-asks again, skipping those rows) or the 9th (pfk+audit/seed0 round 2:
+    replayed labels reach the last round's training)."""
     _, whole, state = noisy_run
     commits = {"n": 0}
     original = al.Run.commit
 
     def dying_commit(self, key, record):
-        if commits["n"] == 8:  # inside entropy+audit/seed1 (rounds replayed with re-asked labels)
+        if commits["n"] == cut:
             raise KeyboardInterrupt
         commits["n"] += 1
         original(self, key, record)
@@ -188,12 +191,59 @@ def test_noise_kind_of_older_run_directories(tmp_path):
     assert "relabel_share" not in cfg  # at its default: written only when set otherwise
     del cfg["label_noise_kind"]  # as an older pyfk wrote it
     (old / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="label_noise_kind"):
+    with pytest.raises(ValueError, match='label_noise_kind.*set "label_noise_kind": "bernoulli" to resume'):
         al.run(base, str(old), progress=False, log=lambda *a: None)  # now "symmetric": another split
     al.run(dict(base, label_noise_kind="bernoulli"), str(old), progress=False, log=lambda *a: None)
     clean = tmp_path / "clean"
     al.run(dict(base, label_noise=0.0), str(clean), progress=False, log=lambda *a: None)
     written = json.loads((clean / "config.json").read_text())
     assert "label_noise_kind" not in written and "relabel_share" not in written
+    # relabel_share is read by '+audit' strategies only: without one, any value is the same run
+    al.run(dict(base, label_noise=0.0, relabel_share=0.5), str(clean), progress=False, log=lambda *a: None)
     al.run(dict(base, label_noise=0.0, label_noise_kind="bernoulli"), str(clean), progress=False,
            log=lambda *a: None)
+
+
+def test_the_recorded_experiment_config_is_valid():
+    """benchmarks/configs/noisy_audit.json (RESULTS.md: label noise and the audit) passes every check."""
+    from pathlib import Path
+
+    cfg = json.loads((Path(__file__).parents[2] / "benchmarks" / "configs" / "noisy_audit.json").read_text())
+    config, _, split = runner.prepare(cfg)
+    assert config.label_noise == 0.2 and {"pfk+audit", "entropy+audit"} <= set(config.strategies)
+    assert len(split.noisy) == round(0.2 * len(split.pool)) and len(config.seeds) >= 5
+
+
+def test_ensemble_members_train_on_the_labels_the_model_trained_on(monkeypatch):
+    """In an '+audit' round of an ensemble strategy, the extra members learn the labels held before
+    the round's re-asks, as the round's model did."""
+    seen = []
+    original = runner.train
+
+    def spy(model, x, y, *args, **kw):
+        seen.append(y.clone())
+        return original(model, x, y, *args, **kw)
+
+    monkeypatch.setattr(runner, "train", spy)
+    cfg = dict(NOISY, strategies=["ensemble_entropy+audit"], seeds=[0], rounds=2, ensemble_size=3, label_noise=0.4)
+    result = al.run(cfg, str(Path(tempfile.mkdtemp()) / "run"), progress=False, log=lambda *a: None)
+    rows = result["rows"]
+    assert len(rows) == 3
+    # per selecting round: the model, then 2 members, all on the same labels; the last round: the model
+    assert len(seen) == 3 + 3 + 1
+    for r in (0, 1):
+        model_labels, *member_labels = seen[3 * r: 3 * r + 3]
+        for y in member_labels:
+            assert torch.equal(y, model_labels)
+    assert len(seen[3]) == len(seen[0]) + cfg["budget"] - 2  # round 1: 2 re-asked, 6 new rows
+
+
+def test_audit_budget_and_annotator_errors():
+    with pytest.raises(ValueError, match=r"budget: expected at least 2 for \['pfk\+audit'\]"):
+        runner.prepare(dict(NOISY, budget=1, strategies=["pfk+audit"], rounds=1))
+    with pytest.raises(TypeError, match="truth"):
+        data.annotate_again(np.array([0.5]), 0.1, classes=2, seed=0)
+    for truth, rate, classes, name in (([0, 1], 0.1, 1, "classes"), ([0, 1], 1.0, 2, "rate"),
+                                       ([0, 3], 0.1, 2, "truth")):
+        with pytest.raises(ValueError, match=name):
+            data.annotate_again(np.array(truth), rate, classes=classes, seed=0)

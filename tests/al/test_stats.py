@@ -120,3 +120,19 @@ def test_summary_intervals_and_table(rng):
     assert "5 seeds" in table and "±" in table and "pfk minus each other strategy" in table
     one = al.summarise([r for r in rows if r["seed"] == 0])
     assert one["pfk"][1]["accuracy_lo"] is None and "1 seed;" in al.format_table(one)
+
+
+def test_compare_other_metrics_and_missing_keys(rng):
+    effect = {"pfk": 0.05, "entropy": 0.0, "random": 0.0}
+    rows = _rows(rng, list(effect), range(4), 2, effect)
+    for x in rows:
+        if x["strategy"] != "random":
+            x["wrong_labels"] = x["round"] * (1 if x["strategy"] == "pfk" else 3)
+            x["queries"] = x["labels"]
+    result = al.compare(rows, metrics=("wrong_labels",))
+    per = result["metrics"]["wrong_labels"]
+    assert set(per) == {"entropy"}  # random has no wrong_labels: not compared on it
+    assert [e["diff"] for e in per["entropy"]["rounds"]] == [-2.0, -4.0]
+    assert per["entropy"]["rounds"][0]["queries"] == 15
+    assert per["entropy"]["mean"]["diff"] == -3.0 and per["entropy"]["mean"]["lo"] == -3.0  # no spread
+    assert "pfk above none; below entropy" in runner.format_paired(result)
