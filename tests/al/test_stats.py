@@ -136,3 +136,21 @@ def test_compare_other_metrics_and_missing_keys(rng):
     assert per["entropy"]["rounds"][0]["queries"] == 15
     assert per["entropy"]["mean"]["diff"] == -3.0 and per["entropy"]["mean"]["lo"] == -3.0  # no spread
     assert "pfk above none; below entropy" in runner.format_paired(result)
+
+
+def test_results_tables_script(rng, tmp_path, capsys, monkeypatch):
+    """benchmarks/al_tables.py prints the same numbers as summarise/compare."""
+    from benchmarks import al_tables
+
+    effect = {"pfk": 0.05, "entropy": 0.0}
+    rows = _rows(rng, list(effect), range(3), 2, effect)
+    (tmp_path / "results.json").write_text(__import__("json").dumps({"rows": rows, "summary": al.summarise(rows)}))
+    monkeypatch.setattr("sys.argv", ["al_tables.py", str(tmp_path)])
+    al_tables.main()
+    out = capsys.readouterr().out
+    summary, paired = al.summarise(rows), al.compare(rows)
+    e = summary["pfk"][2]
+    assert "| 2 (20) | " in out and f"{summary['entropy'][2]['accuracy']:.3f} ± " in out
+    assert f"{e['minority_accuracy']:.3f} ± {(e['minority_accuracy_hi'] - e['minority_accuracy_lo']) / 2:.3f}" in out
+    d = paired["metrics"]["accuracy"]["entropy"]["mean"]
+    assert "| entropy | " in out and f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] 3-0-0 *" in out
