@@ -126,17 +126,27 @@ def audit(descriptors, labels, *, probs=None, k: int = 32, alpha: float = 0.5, c
     scores, index = topk(desc, desc, k=k_eff + 1, combine=combine, normalize=normalize, backend=backend,
                          progress=progress, options=options)
     nb, nb_scores = _drop_self(np.asarray(index), np.asarray(scores))
-    q = _smoothed(y, nb, nb_scores, classes, p if probs is not None else None, alpha)
+    prov = {"k": k_eff, "alpha": alpha, "combine": combine, "normalize": normalize, "backend": backend}
+    return _report(y, nb, nb_scores, classes, p if probs is not None else None, alpha, prov)
+
+
+def _report(y: np.ndarray, nb: np.ndarray, nb_scores: np.ndarray, classes: int, probs, alpha: float,
+            prov: dict) -> Audit:
+    """The Audit from every row's labels, neighbour lists (self dropped) and probabilities: steps 2-5
+    of the module docstring (vote, mixture, thresholds, flag, ranking); shared with
+    pyfk.distributed.audit, which calls it on the gathered lists."""
+    n = len(y)
+    rows = np.arange(n)
+    q = _smoothed(y, nb, nb_scores, classes, probs, alpha)
     thresholds, confident = _confident_class(q, y, classes)
     n_issues = _issue_count(y, confident, classes)
-    self_conf = q[np.arange(n), y]
-    order = np.lexsort((np.arange(n), self_conf))
+    self_conf = q[rows, y]
+    order = np.lexsort((rows, self_conf))
     other = q.copy()
-    other[np.arange(n), y] = -np.inf
+    other[rows, y] = -np.inf
     flagged = other.max(1) > self_conf
     suggested = np.where(flagged, other.argmax(1), q.argmax(1))
-    prov = {"k": k_eff, "alpha": alpha, "combine": combine, "normalize": normalize, "backend": backend,
-            "thresholds": thresholds, "classes": classes, "n_issues": n_issues,
+    prov = {**prov, "thresholds": thresholds, "classes": classes, "n_issues": n_issues,
             "confident_class": confident[order]}
     return Audit(indices=order.astype(np.int64), scores=1.0 - self_conf[order], given=y[order],
                  suggested=suggested[order].astype(np.int64), flagged=flagged[order], q=q[order],

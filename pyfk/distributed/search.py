@@ -7,7 +7,9 @@ the (M, k) states are merged by the one exact, tie-stable TopK merge
 (`comm.merge_topk`), and every rank returns the same answer -- same indices, same
 order, same float32 scores bit for bit -- as `pyfk.topk` / `pyfk.select` in one process
 on the concatenated pool, with a backend whose score of a (query, row) pair does not depend
-on which other rows it scores with, nor on the thread count: `cpu` (tested). Backends that
+on which other pool rows it scores with, nor on the thread count: `cpu` (tested; its score can
+depend on how many queries share the call -- a call of at most a few queries takes a GEMV path
+that rounds differently -- which is why every rank is given the same queries). Backends that
 score with library GEMMs (`torch`, `cuda`: MKL/cuBLAS round by shape and threads, so even
 one process is not reproducible across those) return a valid, exact-to-rounding top-k,
 the same on every rank (the merge is), whose last-ulp scores -- and so near-ties -- may
