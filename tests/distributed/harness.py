@@ -70,3 +70,16 @@ def run_ranks(fn, world: int, args: tuple = (), timeout: float = 180.0) -> list:
     if failures:
         raise AssertionError("\n".join(f"--- rank {r} failed:\n{tb}" for r, tb in sorted(failures.items())))
     return [results[r] for r in range(world)]
+
+
+def assert_same_error(name: str, per_rank: list, kind: type, pattern: str) -> None:
+    """Every rank's result is ("error", type name, message, seconds): the expected type, a message
+    matching `pattern`, the same text on every rank, and raised promptly (no rank waited for a
+    collective timeout)."""
+    import re
+
+    for rank, res in enumerate(per_rank):
+        assert res[0] == "error", (name, rank, res)
+        assert res[1] == kind.__name__ and re.search(pattern, res[2]), (name, rank, res[1], res[2], pattern)
+        assert res[3] < 10, (name, rank, f"took {res[3]:.1f} s")
+    assert len({res[2] for res in per_rank}) == 1, (name, [res[2] for res in per_rank])

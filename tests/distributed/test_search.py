@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from harness import run_ranks
+from harness import assert_same_error, run_ranks
 
 import pyfk
 from pyfk.distributed import search as dsearch
@@ -263,12 +263,7 @@ def test_sharded_equals_one_process(world, rng):
         name = case["name"]
         per_rank = [r[c] for r in results]
         if case["error"] is not None:
-            kind, pattern = case["error"]
-            for rank, res in enumerate(per_rank):
-                assert res[0] == "error", (name, rank, res)
-                assert res[1] == kind.__name__ and re.search(pattern, res[2]), (name, rank, res[1], res[2])
-                assert res[3] < 10, (name, rank, f"took {res[3]:.1f} s")  # no rank waited for a timeout
-            assert len({res[2] for res in per_rank}) == 1, (name, [res[2] for res in per_rank])
+            assert_same_error(name, per_rank, *case["error"])
             continue
         ref = _reference(case)
         for rank, res in enumerate(per_rank):
