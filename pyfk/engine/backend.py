@@ -160,6 +160,12 @@ class Backend(abc.ABC):
                              f"got unknown {unknown}")
         return {**self.options, **options}
 
+    def accepts(self, device_type: str) -> bool:
+        """Whether pyfk.topk/select may run this backend on tensors of `device_type` ("cpu",
+        "cuda"): `devices`, plus what a subclass allows for testing (triton: CPU tensors under the
+        Triton interpreter). `devices` alone is what "auto" and the every-backend tests enumerate."""
+        return device_type in self.devices
+
     def prepare(self, parts: list, layout: Layout, normalize: str, device=None) -> PreparedPool:
         """Whatever is done once per pool (normalise, convert, cache); reused across calls."""
         return PreparedPool(parts, layout, normalize, device)

@@ -57,6 +57,6 @@ def resolve(name: str, device) -> Backend:
     reason = b.unavailable_reason()
     if reason is not None:
         raise BackendUnavailable(f"backend: {name!r} is not available here: {reason}")
-    if dev not in b.devices:
+    if not b.accepts(dev):
         raise ValueError(f"backend: {name!r} expected tensors on {list(b.devices)}, got tensors on {dev}")
     return b

@@ -261,3 +261,51 @@ def test_kernel_keys_are_sorted_split_top_lists(rng):
     assert torch.equal(keys.reshape(3, -1).topk(k, dim=1).values, want)
     empty = tt.kernel_keys(q, p[:0], widths, True, k, 0)
     assert empty.shape == (3, 1, 16) and (empty == EMPTY_KEY).all()
+
+
+@pytest.mark.parametrize("combine", ["product", "sum", "features"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("shape", [(1, 57, [7], 1), (4, 41, [3, 5], 41), (6, 90, [1, 2, 9], 5)],
+                         ids=["M1-1scale-k1", "k=N-odd", "3scales"])
+def test_public_api(shape, dtype, combine, rng):
+    """pyfk.topk / pyfk.select with backend="triton" -- on CPU tensors under the interpreter, on
+    CUDA compiled -- against the float64 oracle (ties tolerated), the same call users make."""
+    import pyfk
+
+    M, N, widths, k = shape
+    qz, qg = make_arrays(rng, M, widths)
+    pz, pg = make_arrays(rng, N, widths)
+    cast = [[torch.from_numpy(a.astype(dtype)).to(DEVICE) for a in arrs] for arrs in (qz, qg, pz, pg)]
+    q = pyfk.Descriptors(z=cast[0], g=None if combine == "features" else cast[1])
+    p = pyfk.Descriptors(z=cast[2], g=None if combine == "features" else cast[3])
+    s, i = pyfk.topk(q, p, k=k, combine=combine, backend="triton")
+    as64 = [[a.double().cpu().numpy() for a in arrs] for arrs in cast]
+    S = similarity64(*as64, combine, "pcc")
+    assert_valid_topk(np.asarray(s), np.asarray(i), S, k, tolerance(*as64, combine, "pcc"))
+    ref_s, ref_i = pyfk.topk(q, p, k=k, combine=combine, backend="torch")
+    np.testing.assert_allclose(np.asarray(s), np.asarray(ref_s), rtol=1e-5, atol=1e-5)
+
+
+def test_public_api_device_rules():
+    """"auto" never picks the interpreter for CPU tensors, and CPU stays out of the backend's
+    `devices` (the every-CPU-backend tests do not run the interpreter)."""
+    import pyfk
+
+    assert "cpu" not in BACKEND.devices and BACKEND.accepts("cuda")
+    assert BACKEND.accepts("cpu") == INTERPRET
+    assert registry.auto_choice("cpu") != "triton"
+    info = next(b for b in pyfk.backends() if b["name"] == "triton")
+    assert info["interpreter"] == INTERPRET
+
+
+def test_runtime_ints_are_not_specialised():
+    """The integers that change between calls on one pool are kernel arguments by those names, and
+    the compiled kernel does not specialise on them (no recompiles inside timed loops)."""
+    import inspect
+
+    names = list(inspect.signature(tt._fk_topk_kernel).parameters)
+    assert set(tt.RUNTIME_INTS) <= set(names)
+    assert not {"D", "stride_qm", "stride_pn"} & set(tt.RUNTIME_INTS)  # fixed per pool: kept specialised
+    if not INTERPRET:
+        flagged = {p.name for p in tt._kernel().params if p.do_not_specialize}
+        assert flagged == set(tt.RUNTIME_INTS)

@@ -85,6 +85,11 @@ def _load() -> str | None:
     return _IMPORT_ERROR
 
 
+def interpreted() -> bool:
+    """Whether kernels run in the Triton interpreter (on CPU tensors): TRITON_INTERPRET=1."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def available() -> str | None:
     """None when the Triton kernel can run here, else the reason it cannot.
 
@@ -93,7 +98,7 @@ def available() -> str | None:
     """
     if triton is None and importlib.util.find_spec("triton") is None:
         return "the Python package 'triton' is not installed"
-    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    if not (torch.cuda.is_available() or interpreted()):
         return "no CUDA device is available (and TRITON_INTERPRET=1 is not set)"
     return _load()
 
@@ -170,6 +175,11 @@ def _fk_topk_kernel(Q, P, SEG, OUT, M, N, D, n_pairs, index_offset, tiles_per_sp
 
 
 _JITTED = []
+# Integer arguments that change from call to call on one pool (the registry chunk's size and global
+# offset, the split plan): Triton would otherwise specialise the compiled kernel on their value
+# being 1 or a multiple of 16 and recompile inside timed loops. D, n_pairs and the row strides stay
+# specialised: they are fixed per pool, and a stride divisible by 16 lets loads vectorise.
+RUNTIME_INTS = ("M", "N", "index_offset", "tiles_per_split", "n_splits")
 
 
 def _kernel():
@@ -178,7 +188,7 @@ def _kernel():
     if reason is not None:
         raise RuntimeError(f"the Triton backend is not available: {reason}")
     if not _JITTED:
-        _JITTED.append(triton.jit(_fk_topk_kernel))
+        _JITTED.append(triton.jit(_fk_topk_kernel, do_not_specialize=RUNTIME_INTS))
     return _JITTED[0]
 
 
@@ -363,6 +373,16 @@ class TritonBackend(Backend):
 
     def unavailable_reason(self):
         return available()
+
+    def accepts(self, device_type):
+        """CUDA tensors; and CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, how CI
+        runs this kernel), so that pyfk.topk(..., backend="triton") is tested through the public
+        API. CPU stays out of `devices`: "auto" and the every-CPU-backend tests never pick the
+        interpreter, which is orders of magnitude slower."""
+        return device_type in self.devices or (device_type == "cpu" and interpreted())
+
+    def info(self):
+        return {**super().info(), "interpreter": interpreted()}
 
     def resolve_options(self, options):
         """The defaults updated with `options`, checked (ValueError naming a bad option)."""
