@@ -313,3 +313,20 @@ def test_backend_gemm_option(monkeypatch):
     b.topk(q, full, slice(0, 3), 1, state, 0, b.resolve_options(None))
     b.topk(q, full, slice(0, 3), 1, state, 0, b.resolve_options({"gemm": "float16"}))  # the option wins
     assert seen == [torch.bfloat16, torch.float32, "tf32", torch.float16]
+
+
+def test_a_failed_build_with_a_compiler_is_reported(tmp_path, monkeypatch):
+    """setup.py leaves pyfk/_C_cuda_build_error.txt when a CUDA compiler was found but the build
+    failed; the backend's reason then says so instead of a bare 'not built'."""
+    assert cs.BUILD_ERROR == ROOT / "pyfk" / "_C_cuda_build_error.txt"  # beside the extension, where setup.py writes
+    marker = tmp_path / "_C_cuda_build_error.txt"
+    monkeypatch.setattr(cs, "_C_cuda", None)
+    monkeypatch.setattr(cs, "IMPORT_ERROR", "the CUDA extension pyfk._C_cuda is not built or failed to load (x)")
+    monkeypatch.setattr(cs, "BUILD_ERROR", marker)
+    assert cs.available() == cs.IMPORT_ERROR
+    marker.write_text("the CUDA module failed to build (exit status 2)\n")
+    reason = cs.available()
+    assert reason.startswith("pyfk._C_cuda failed to build although a CUDA compiler was found")
+    assert "exit status 2" in reason
+    assert registry.get("cuda").info()["reason"] == reason
+    assert 'out_dir / "_C_cuda_build_error.txt"' in (ROOT / "setup.py").read_text()

@@ -21,6 +21,7 @@ Selection is exact in every mode: only the scores carry the GEMM's rounding.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -47,9 +48,16 @@ def default_gemm() -> str:
     return os.environ.get(GEMM_ENV, "auto") or "auto"
 
 
+BUILD_ERROR = Path(__file__).resolve().parents[2] / "_C_cuda_build_error.txt"  # written by setup.py
+
+
 def available() -> str | None:
-    """None when the backend can run here, else why not."""
+    """None when the backend can run here, else why not (a failed build where a CUDA compiler was
+    found says so, from the file setup.py leaves next to the extension)."""
     if _C_cuda is None:
+        if BUILD_ERROR.is_file():
+            return (f"pyfk._C_cuda failed to build although a CUDA compiler was found: "
+                    f"{BUILD_ERROR.read_text().strip()} (rebuild to see the compiler errors)")
         return IMPORT_ERROR
     if torch.version.cuda is None:
         return f"this torch build ({torch.__version__}) has no CUDA support"
