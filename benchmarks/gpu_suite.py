@@ -33,6 +33,9 @@ rate, speed-up vs the torch reference, peak CUDA memory. Writes
 benchmarks/results/gpu_suite_<date>.json (and a copy under $OUT when that is set).
 Exits 1 if a correctness check fails, 2 without a CUDA device.
 --dry-run prints the plan, checks imports and the harness on the CPU, no GPU needed (exit 0).
+--compile-report [--json PATH] only compiles the Triton kernel's production configurations for
+sm_90 and reports registers, spills, MMA kind, loads and instruction counts (no GPU needed;
+benchmarks/compile_report.py); exit 1 if a configuration failed to compile.
 """
 
 from __future__ import annotations
@@ -342,6 +345,19 @@ def table(rows, gemm) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- compile report
+
+def compile_report_main(argv) -> int:
+    """benchmarks/compile_report.py's main (the Triton kernel compiled for sm_90 without a GPU)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compile_report", ROOT / "benchmarks" / "compile_report.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("compile_report", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -358,7 +374,15 @@ def main(argv=None) -> int:
                     help="seed of the correctness inputs (default: fresh each run, printed and recorded)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for the JSON")
     ap.add_argument("--time-limit", type=float, default=TIME_LIMIT_S)
+    ap.add_argument("--compile-report", action="store_true",
+                    help="only compile the Triton kernel's production configs for sm_90 (no GPU needed) and "
+                         "report registers, spills, MMA kind, loads, instruction counts: benchmarks/compile_report.py")
+    ap.add_argument("--json", default=None, metavar="PATH", help="with --compile-report: write the report here")
     args = ap.parse_args(argv)
+    if args.compile_report:
+        return compile_report_main(["--json", args.json] if args.json else [])
+    if args.json:
+        ap.error("--json: only with --compile-report")
     clock = Clock(args.time_limit)
     cases = QUICK_CASES if args.quick else TIMING_CASES
 
