@@ -192,6 +192,15 @@ def _kernel():
     return _JITTED[0]
 
 
+def default_warps(dtype, k_pad: int) -> int:
+    """Warps per program: 4 for float16/bfloat16 up to K_PAD 64 (the main configuration), else 8.
+    From the sm_90 compile report (benchmarks/compile_report.py, triton 3.9 / ptxas 13.4): at 4 warps
+    float32 spills 24-68 B at every K_PAD and low precision 740 B at K_PAD 128; at 8 warps both are
+    spill-free up to K_PAD 128. K_PAD 256 (k > 64 at low precision, 2k candidates) spills at 4, 8 and
+    16 warps. Chosen without a GPU: to be confirmed by timing (benchmarks/gpu_suite.py)."""
+    return 4 if dtype in _LOW_PRECISION and k_pad <= 64 else 8
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -255,7 +264,7 @@ def check_splits(splits) -> int | None:
 
 
 def kernel_keys(q, p, widths, product, k, index_offset, *, splits=None, allow_tf32=False, block_m=None,
-                block_k=None, tile_r=None, num_warps=4) -> torch.Tensor:
+                block_k=None, tile_r=None, num_warps=None) -> torch.Tensor:
     """The fused kernel's raw output: (M, S, K_PAD) int64 keys (pyfk.engine.topk_state.pack_keys
     of (score, index_offset + pool row)), per query row and pool split s the K_PAD best of that
     split sorted descending, padded with EMPTY_KEY; K_PAD = max(16, next power of two >= k).
@@ -269,10 +278,11 @@ def kernel_keys(q, p, widths, product, k, index_offset, *, splits=None, allow_tf
     k_pad = max(16, _next_pow2(k))
     if m == 0 or n == 0:
         return torch.full((m, 1, k_pad), EMPTY_KEY, dtype=torch.int64, device=q.device)
-    # defaults: a ~64 x 32 score tile per program (spill-free at 4 warps on sm_90)
+    # defaults: a ~64 x 32 score tile per program; warps by default_warps (spill-free up to K_PAD 128)
     bm = block_m or (64 if k_pad <= 32 else max(16, 2048 // k_pad))
     bk = block_k or (32 if q.dtype == torch.float32 else 64)
     tile_r = int(tile_r) if tile_r else (2 if bm * k_pad * 2 <= 2048 else 1)
+    num_warps = num_warps or default_warps(q.dtype, k_pad)
     if tile_r not in (1, 2):
         raise ValueError(f"tile_r: expected 1 or 2, got {tile_r}")
     m_blocks = _cdiv(m, bm)
@@ -294,7 +304,7 @@ def kernel_keys(q, p, widths, product, k, index_offset, *, splits=None, allow_tf
 
 
 def topk_update(q, p, widths, product, k, index_offset, scores, index, *, splits=None, allow_tf32=False,
-                q_exact=None, p_exact=None, block_m=None, block_k=None, tile_r=None, num_warps=4):
+                q_exact=None, p_exact=None, block_m=None, block_k=None, tile_r=None, num_warps=None):
     """Merge the top-k of q x p (pool rows numbered from index_offset) into the sorted
     (M, k) state (scores float32, index int64; -1 = empty). Returns the new state.
 
@@ -306,7 +316,7 @@ def topk_update(q, p, widths, product, k, index_offset, scores, index, *, splits
     q_exact / p_exact: float32 copies of q / p used to re-rank float16/bfloat16
     results exactly (default: q.float() / p.float()).
     block_m / block_k / tile_r / num_warps: tuning (query rows per program, K step,
-    pool tile = tile_r x K_PAD rows with tile_r in {1, 2}, warps).
+    pool tile = tile_r x K_PAD rows with tile_r in {1, 2}, warps: default_warps).
     """
     m, n = q.shape[0], p.shape[0]
     if k > MAX_K:
