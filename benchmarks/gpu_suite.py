@@ -31,7 +31,11 @@ In one run, under ~9 minutes (a global guard skips what is left, reporting it):
 Prints per backend and dtype: ms, TFLOP/s (4*sum(L)*M*N), % of the measured bf16 GEMM
 rate, speed-up vs the torch reference, peak CUDA memory. Writes
 benchmarks/results/gpu_suite_<date>.json (and a copy under $OUT when that is set).
-Exits 1 if a correctness check fails, 2 without a CUDA device.
+The JSON is rewritten after every phase (setup, kernels, correctness, gemm, timing: a kill
+loses at most the phase running) and records the commit, which backend "auto" takes for CUDA
+tensors, and why any backend is unavailable. --build checks for Python.h first.
+Exits 1 if a correctness check fails or one of pyfk's own GPU backends (triton, cuda, torch)
+is unavailable on the GPU machine (e.g. a failed pyfk._C_cuda build), 2 without a CUDA device.
 --dry-run prints the plan, checks imports and the harness on the CPU, no GPU needed (exit 0).
 --compile-report [--json PATH] only compiles the Triton kernel's production configurations for
 sm_90 and reports registers, spills, MMA kind, loads and instruction counts (no GPU needed;
@@ -53,6 +57,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_BACKENDS = ("triton", "cuda", "torch", "faiss", "faiss_ann")
+OWN_GPU_BACKENDS = ("triton", "cuda", "torch")  # unavailable on a GPU machine = a failure of the suite
 REFERENCE = "torch"
 DTYPES = ("float32", "bfloat16", "float16")
 CHECK_SHAPES = [  # (M, N, widths, k, combine)
@@ -117,7 +122,31 @@ def plan_text(cases) -> str:
     return "\n".join(lines)
 
 
+def python_headers() -> str | None:
+    """None when Python.h is where extensions are built against, else what is missing."""
+    import sysconfig
+
+    include = Path(sysconfig.get_paths()["include"])
+    return None if (include / "Python.h").is_file() else f"no Python.h in {include} (install the python3-dev headers)"
+
+
+def commit_id() -> str | None:
+    """The checkout's commit (and '+dirty' with uncommitted changes), or None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def build() -> None:
+    missing = python_headers()
+    if missing:  # pip would fail deep inside CMake; say why up front
+        raise SystemExit(f"build: cannot build pyfk's extensions: {missing}")
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", str(ROOT)]
     log("build: " + " ".join(cmd))
     subprocess.run(cmd, check=True)
@@ -347,6 +376,14 @@ def table(rows, gemm) -> str:
 
 # ----------------------------------------------------------------------------- compile report
 
+def auto_choice(pyfk) -> str | None:
+    """What backend="auto" picks for CUDA tensors here (None if nothing can run them)."""
+    try:
+        return pyfk.engine.registry.auto_choice("cuda")
+    except Exception:  # noqa: BLE001 -- BackendUnavailable, or no CUDA torch: recorded as None
+        return None
+
+
 def compile_report_main(argv) -> int:
     """benchmarks/compile_report.py's main (the Triton kernel compiled for sm_90 without a GPU)."""
     import importlib.util
@@ -406,9 +443,11 @@ def main(argv=None) -> int:
         ap.error(f"--backends: unknown {unknown}; expected a subset of {list(GPU_BACKENDS)}")
     registry = {r["name"]: r for r in pyfk.backends()}
     avail = [b for b in wanted if b in registry and registry[b]["available"] and DEVICE in registry[b]["devices"]]
+    missing = {}
     for b in wanted:
         if b not in avail:
             why = registry[b]["reason"] if b in registry else "not registered in pyfk.backends()"
+            missing[b] = why
             log(f"backend {b}: unavailable ({why})")
     try:  # checked against every wanted backend, available or not, before any work
         options = harness.backend_options(harness.parse_options(args.option),
@@ -416,6 +455,7 @@ def main(argv=None) -> int:
     except ValueError as exc:
         ap.error(f"--option: {exc}")
     log(f"cuda kernels available(): {cuda_kernels.available() or 'yes'}")
+    log(f"Python.h: {python_headers() or 'found'}; commit {commit_id()}; auto on cuda: {auto_choice(pyfk)}")
     log(plan_text(cases))
     if args.dry_run:
         smoke = harness.run_bench(8, 300, [4, 3], k=5, backends=[REFERENCE], repeats=1, peak=False, device="cpu")
@@ -428,32 +468,45 @@ def main(argv=None) -> int:
         log("no CUDA device: nothing to do (use --dry-run on CPU-only machines)")
         return 2
 
-    failures: list[str] = []
+    # pyfk's own GPU backends must run on a GPU machine (faiss may simply not be installed there)
+    failures: list[str] = [f"backend {b} unavailable on a GPU machine: {why}" for b, why in missing.items()
+                           if b in OWN_GPU_BACKENDS]
     seed = args.seed if args.seed is not None else int(time.time()) % 100000  # fresh inputs unless given
     log(f"seed {seed} (repeat with --seed {seed})")
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "argv": sys.argv, "versions": versions, "backends_available": avail, "seed": seed,
-              "options": options}
+              "argv": sys.argv, "commit": commit_id(), "versions": versions, "backends_available": avail,
+              "backends_missing": missing, "auto_on_cuda": auto_choice(pyfk), "seed": seed, "options": options,
+              "failures": failures, "phases_done": []}
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = Path(args.out) / f"gpu_suite_{stamp}.json"
+
+    def save(phase: str) -> None:
+        """The JSON as it stands, rewritten after every phase (a kill loses at most the phase running)."""
+        result["phases_done"].append(phase)
+        result["elapsed_s"] = clock.elapsed()
+        harness.write_json(path, result)
+        if os.environ.get("OUT"):
+            shutil.copy(path, Path(os.environ["OUT"]) / path.name)
+
+    save("setup")
     if cuda_kernels.available() is None:
         log("\n[kernels] pyfk._C_cuda")
         result["kernel_checks"] = kernel_checks(failures, seed)
+        save("kernels")
     log(f"\n[correctness] vs backend {REFERENCE!r}")
     result["checks"] = backend_checks(avail, failures, seed, options)
     # None: no half GEMM ran; False: torch.mm(..., out_dtype=float32) is missing here
     result["cuda_mm_out_dtype_float32"] = getattr(cuda_kernels, "_mm_out_dtype_ok", None)
+    save("correctness")
     log("\n[gemm]")
     result["gemm"] = harness.gemm_rate(GEMM_N, GEMM_N, GEMM_N, repeats=GEMM_REPEATS, device=DEVICE, dtype=GEMM_DTYPE)
     log(f"  {GEMM_DTYPE} matmul {GEMM_N}^3: {result['gemm']['tflops']:.1f} TFLOP/s")
+    save("gemm")
     if not args.no_timing:
         log("\n[timing]")
         result["timing"] = timing(avail, cases, result["gemm"], clock, options)
-    result["failures"] = failures
-    result["elapsed_s"] = clock.elapsed()
-
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = harness.write_json(Path(args.out) / f"gpu_suite_{stamp}.json", result)
-    if os.environ.get("OUT"):
-        shutil.copy(path, Path(os.environ["OUT"]) / path.name)
+        save("timing")
+    save("done")
     log(f"\nwrote {path}")
     if "timing" in result:
         log(table(result["timing"], result["gemm"]))

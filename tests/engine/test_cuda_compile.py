@@ -278,6 +278,23 @@ def test_gpu_suite_dry_run():
     assert res.returncode == 0, res.stdout + res.stderr
     assert "plan:" in res.stdout and "dry run: imports ok" in res.stdout
     assert "imagenet" in res.stdout
+    assert "Python.h: found" in res.stdout and "auto on cuda:" in res.stdout  # checked before any build
+
+
+def test_gpu_suite_build_checks_headers_and_records_the_commit(monkeypatch, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    commit = suite.commit_id()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert commit.split("+")[0] == head.stdout.strip()
+    monkeypatch.setattr(suite, "python_headers", lambda: "no Python.h in /nowhere")
+    with pytest.raises(SystemExit, match="cannot build pyfk's extensions: no Python.h"):
+        suite.build()
+    assert set(suite.OWN_GPU_BACKENDS) <= set(suite.GPU_BACKENDS)
 
 
 def test_backend_gemm_option(monkeypatch):
