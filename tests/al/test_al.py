@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pyfk import al, cli
+from tests.al.runs import interrupted_run
 
 SMALL = dict(dataset="digits", val_per_class=10, test_per_class=30, imbalance=20, initial=12, budget=6,
              rounds=2, seeds=[0, 1], train_steps=15, batch_size=16, mc_passes=3, k=4,
@@ -24,19 +25,8 @@ def _comparable(state):
 def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     cfg = al.Config.from_dict(SMALL)
     whole = al.run(cfg, str(tmp_path / "whole"), progress=False, log=lambda *a: None)
-    commits = {"n": 0}
-    original = al.Run.commit
-
-    def dying_commit(self, key, record):
-        if commits["n"] == 5:
-            raise KeyboardInterrupt  # killed while working on the 6th round
-        commits["n"] += 1
-        original(self, key, record)
-
-    monkeypatch.setattr(al.Run, "commit", dying_commit)
-    with pytest.raises(KeyboardInterrupt):
-        al.run(cfg, str(tmp_path / "cut"), progress=False, log=lambda *a: None)
-    monkeypatch.setattr(al.Run, "commit", original)
+    # killed while working on the 6th round
+    interrupted_run(monkeypatch, cfg, tmp_path / "cut", 5, progress=False, log=lambda *a: None)
     partial = json.loads((tmp_path / "cut" / "state.json").read_text())
     assert sum(len(r) for r in partial["runs"].values()) == 5
     resumed = al.run(cfg, str(tmp_path / "cut"), progress=False, log=lambda *a: None)

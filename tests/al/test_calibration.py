@@ -15,6 +15,7 @@ import pyfk
 from pyfk import al
 from pyfk.al import calibration, runner
 from pyfk.al.calibration import apply_temperature, calibrate, expected_calibration_error, nll, temper_probs
+from tests.al.runs import interrupted_run
 
 # ----------------------------------------------------------------------------- independent references
 
@@ -388,19 +389,7 @@ def test_runner_fits_a_temperature_every_round_and_strategies_read_calibrated_pr
 def test_a_calibrated_run_resumes_identically(tmp_path, monkeypatch):
     cfg = al.Config.from_dict(dict(SMALL, strategies=["entropy"], calibrate=True))
     al.run(cfg, str(tmp_path / "whole"), **QUIET)
-    original = al.Run.commit
-    calls = {"n": 0}
-
-    def dying_commit(self, key, record):
-        if calls["n"] == 1:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        original(self, key, record)
-
-    monkeypatch.setattr(al.Run, "commit", dying_commit)
-    with pytest.raises(KeyboardInterrupt):
-        al.run(cfg, str(tmp_path / "cut"), **QUIET)
-    monkeypatch.setattr(al.Run, "commit", original)
+    interrupted_run(monkeypatch, cfg, tmp_path / "cut", 1, **QUIET)
     al.run(cfg, str(tmp_path / "cut"), **QUIET)
 
     def untimed(path):

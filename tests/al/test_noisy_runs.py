@@ -11,6 +11,7 @@ import torch
 
 from pyfk import al
 from pyfk.al import data, runner
+from tests.al.runs import interrupted_run, untimed
 
 NOISY = dict(dataset="digits", val_per_class=10, test_per_class=30, imbalance=20, initial=12, budget=8,
              rounds=2, seeds=[0, 1], train_steps=15, batch_size=16, k=4, label_noise=0.3,
@@ -162,23 +163,10 @@ def test_interrupted_audit_run_resumes_identically(tmp_path, monkeypatch, noisy_
     re-asked labels, then re-asks again, skipping those rows) or the 9th (pfk+audit/seed0 round 2:
     replayed labels reach the last round's training)."""
     _, whole, state = noisy_run
-    commits = {"n": 0}
-    original = al.Run.commit
-
-    def dying_commit(self, key, record):
-        if commits["n"] == cut:
-            raise KeyboardInterrupt
-        commits["n"] += 1
-        original(self, key, record)
-
-    monkeypatch.setattr(al.Run, "commit", dying_commit)
-    with pytest.raises(KeyboardInterrupt):
-        al.run(NOISY, str(tmp_path / "cut"), progress=False, log=lambda *a: None)
-    monkeypatch.setattr(al.Run, "commit", original)
+    interrupted_run(monkeypatch, NOISY, tmp_path / "cut", cut, progress=False, log=lambda *a: None)
     al.run(NOISY, str(tmp_path / "cut"), progress=False, log=lambda *a: None)
     cut = json.loads((tmp_path / "cut" / "state.json").read_text())
-    from tests.al.test_resume import _untimed
-    assert _untimed(cut) == _untimed(state)
+    assert untimed(cut) == untimed(state)
 
 
 def test_noise_kind_of_older_run_directories(tmp_path):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from pyfk import al, cli
-from tests.al.test_resume import _untimed
+from tests.al.runs import untimed
 
 CONFIG = dict(dataset="digits", val_per_class=10, test_per_class=30, imbalance=20, initial=12, budget=6,
               rounds=2, seeds=[0, 1], train_steps=20, batch_size=16, mc_passes=3, k=4,
@@ -32,8 +32,8 @@ def test_a_run_is_bit_identical_in_any_process(tmp_path):
         outs.append(out)
     al.run(CONFIG, str(tmp_path / "here"), progress=False, log=lambda *a: None)
     outs.append(tmp_path / "here")
-    states = [_untimed(json.loads((d / "state.json").read_text())) for d in outs]
-    results = [_untimed(json.loads((d / "results.json").read_text())) for d in outs]
+    states = [untimed(json.loads((d / "state.json").read_text())) for d in outs]
+    results = [untimed(json.loads((d / "results.json").read_text())) for d in outs]
     assert states[0] == states[1] == states[2]
     assert results[0] == results[1] == results[2]
     assert results[0]["paired"]["reference"] == "pfk"

@@ -23,23 +23,14 @@ import pytest
 import torch
 
 from pyfk import al
+from tests.al.runs import TIMING, interrupted_run, untimed
 
 # 2 strategies (MC dropout and pfk) x 2 seeds x 3 rounds with rotation pretraining, on small synthetic
 # images in MNIST's file format (written by _mnist_files): a few seconds of work.
 CONFIG = dict(dataset="mnist", val_per_class=5, test_per_class=10, imbalance=10, initial=10, budget=5,
               rounds=3, seeds=[0, 1], train_steps=10, batch_size=16, mc_passes=3, k=4,
               strategies=["bald", "pfk"], pretrain_rotation=True, pretrain_steps=20)
-TIMING = ("train_seconds", "selection_seconds", "seconds")
 WAIT = 300  # seconds to wait for a process to reach a point (a loaded machine is slow)
-
-
-def _untimed(obj):
-    """obj without wall-clock fields (at any depth, also the summary's selection_seconds_min/max)."""
-    if isinstance(obj, dict):
-        return {k: _untimed(v) for k, v in obj.items() if not k.startswith(TIMING)}
-    if isinstance(obj, list):
-        return [_untimed(v) for v in obj]
-    return obj
 
 
 class _Pyfk:
@@ -168,12 +159,12 @@ def test_sigkill_and_resume_equals_uninterrupted_with_pretraining(tmp_path, rng)
             for field in ra:
                 if field.startswith(TIMING):
                     continue
-                assert _untimed(ra[field]) == _untimed(rb[field]), (key, ra["round"], field, landed)
-    assert _untimed(a) == _untimed(b)
+                assert untimed(ra[field]) == untimed(rb[field]), (key, ra["round"], field, landed)
+    assert untimed(a) == untimed(b)
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "whole", out))
-    assert _untimed(ra) == _untimed(rb)
+    assert untimed(ra) == untimed(rb)
     ca, cb = (list(csv.DictReader(io.StringIO((d / "results.csv").read_text()))) for d in (tmp_path / "whole", out))
-    assert _untimed(ca) == _untimed(cb)
+    assert untimed(ca) == untimed(cb)
     assert (tmp_path / "whole" / "config.json").read_text() == (out / "config.json").read_text()
     for seed in CONFIG["seeds"]:  # the cached pretraining: recomputed after the loss, the same weights
         wa = torch.load(tmp_path / "whole" / f"pretrain-seed{seed}.pt", weights_only=True)
@@ -196,7 +187,7 @@ def test_a_run_draws_no_number_from_the_global_rngs_and_leaves_them_as_found(tmp
         before = torch.get_rng_state()
         al.run(al.Config.from_dict(SMALL), str(tmp_path / f"r{i}"), progress=False, log=lambda *a: None)
         assert torch.equal(torch.get_rng_state(), before)
-        states.append(_untimed(json.loads((tmp_path / f"r{i}" / "state.json").read_text())))
+        states.append(untimed(json.loads((tmp_path / f"r{i}" / "state.json").read_text())))
     assert states[0] == states[1]
 
 
@@ -206,23 +197,11 @@ def test_pretraining_cache_is_only_a_cache(tmp_path, monkeypatch):
     cfg = al.Config.from_dict(dict(SMALL, rounds=2))
     al.run(cfg, str(tmp_path / "a"), progress=False, log=lambda *a: None)
     (tmp_path / "b").mkdir()
-    original = al.Run.commit
-    calls = {"n": 0}
-
-    def dying_commit(self, key, record):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        original(self, key, record)
-
-    monkeypatch.setattr(al.Run, "commit", dying_commit)
-    with pytest.raises(KeyboardInterrupt):
-        al.run(cfg, str(tmp_path / "b"), progress=False, log=lambda *a: None)
-    monkeypatch.setattr(al.Run, "commit", original)
+    interrupted_run(monkeypatch, cfg, tmp_path / "b", 2, progress=False, log=lambda *a: None)
     cache = tmp_path / "b" / "pretrain-seed3.pt"
     torch.save({"conv1.weight": torch.zeros(3)}, cache)  # not the pretraining: ignored and recomputed
     al.run(cfg, str(tmp_path / "b"), progress=False, log=lambda *a: None)
-    a, b = (_untimed(json.loads((tmp_path / d / "state.json").read_text())) for d in ("a", "b"))
+    a, b = (untimed(json.loads((tmp_path / d / "state.json").read_text())) for d in ("a", "b"))
     assert a == b
 
 
