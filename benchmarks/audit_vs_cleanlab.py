@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import numpy as np
@@ -31,6 +30,7 @@ from pyfk.al.data import inject_label_noise, load
 from pyfk.al.inputs import seed_for
 from pyfk.al.runner import seeded_model, train
 from pyfk.al.stats import interval
+from pyfk.bench import _cpu_model
 
 
 def scores(flagged: np.ndarray, ranking: np.ndarray, truth: np.ndarray) -> dict:
@@ -136,14 +136,8 @@ def main() -> None:
     table = summarise(rows)
     print(markdown(table))
     if args.json:
-        cpu = platform.processor() or "unknown"
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "cpu": cpu, "date": time.strftime("%Y-%m-%d"), "rows": rows,
+            json.dump({"args": vars(args), "cpu": _cpu_model(), "date": time.strftime("%Y-%m-%d"), "rows": rows,
                        "summary": table}, f, indent=1)
 
 

@@ -66,6 +66,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pyfk.bench import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL = "pyfk.engine.kernels.triton._fk_topk_kernel"
 CAPABILITY = 90  # Hopper
@@ -656,13 +658,6 @@ def summary_line(rec: dict) -> str:
             f"vectorised={ld['vectorized']} | PTX {ins['ptx']} SASS {ins['sass']} | {rec['compile_seconds']} s")
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def run_report(configs, json_path=None, timeout: float = CHILD_TIMEOUT_S, log=None, artifacts=None) -> dict:
     """Compile every config (each in its own subprocess); print one JSON record per config to
     stdout as it finishes; rewrite `json_path` (if given) after each. Returns the report."""
@@ -687,13 +682,13 @@ def run_report(configs, json_path=None, timeout: float = CHILD_TIMEOUT_S, log=No
         report["errors"] += bool(rec.get("error"))
         report["elapsed_s"] = round(time.monotonic() - t0, 1)
         if json_path:
-            _write_json(json_path, report)
+            write_json(json_path, report)
         print(json.dumps(rec), flush=True)
         log(summary_line(rec))
     report["complete"] = True
     report["elapsed_s"] = round(time.monotonic() - t0, 1)
     if json_path:
-        _write_json(json_path, report)
+        write_json(json_path, report)
     log(f"compile report: {len(report['configs'])} configs, {report['errors']} failed, {report['elapsed_s']} s"
         + (f"; wrote {json_path}" if json_path else ""))
     return report

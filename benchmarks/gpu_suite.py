@@ -376,23 +376,17 @@ def table(rows, gemm) -> str:
 
 # ----------------------------------------------------------------------------- compile report
 
-def auto_choice(pyfk) -> str | None:
+def auto_choice(harness) -> str | None:
     """What backend="auto" picks for CUDA tensors here (None if nothing can run them)."""
     try:
-        return pyfk.engine.registry.auto_choice("cuda")
+        return harness.auto_choice("cuda")
     except Exception:  # noqa: BLE001 -- BackendUnavailable, or no CUDA torch: recorded as None
         return None
 
 
 def compile_report_main(argv) -> int:
-    """benchmarks/compile_report.py's main (the Triton kernel compiled for sm_90 without a GPU)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compile_report", ROOT / "benchmarks" / "compile_report.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("compile_report", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    """benchmarks/compile_report.py (the Triton kernel compiled for sm_90 without a GPU), its exit code."""
+    return subprocess.call([sys.executable, str(ROOT / "benchmarks" / "compile_report.py"), *argv])
 
 
 # ----------------------------------------------------------------------------- main
@@ -455,7 +449,8 @@ def main(argv=None) -> int:
     except ValueError as exc:
         ap.error(f"--option: {exc}")
     log(f"cuda kernels available(): {cuda_kernels.available() or 'yes'}")
-    log(f"Python.h: {python_headers() or 'found'}; commit {commit_id()}; auto on cuda: {auto_choice(pyfk)}")
+    commit, auto = commit_id(), auto_choice(harness)
+    log(f"Python.h: {python_headers() or 'found'}; commit {commit}; auto on cuda: {auto}")
     log(plan_text(cases))
     if args.dry_run:
         smoke = harness.run_bench(8, 300, [4, 3], k=5, backends=[REFERENCE], repeats=1, peak=False, device="cpu")
@@ -474,8 +469,8 @@ def main(argv=None) -> int:
     seed = args.seed if args.seed is not None else int(time.time()) % 100000  # fresh inputs unless given
     log(f"seed {seed} (repeat with --seed {seed})")
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "argv": sys.argv, "commit": commit_id(), "versions": versions, "backends_available": avail,
-              "backends_missing": missing, "auto_on_cuda": auto_choice(pyfk), "seed": seed, "options": options,
+              "argv": sys.argv, "commit": commit, "versions": versions, "backends_available": avail,
+              "backends_missing": missing, "auto_on_cuda": auto, "seed": seed, "options": options,
               "failures": failures, "phases_done": []}
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = Path(args.out) / f"gpu_suite_{stamp}.json"

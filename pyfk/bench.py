@@ -607,10 +607,13 @@ def machine_info(device="cpu") -> dict:
 
 
 def write_json(path, result: dict) -> Path:
-    """Write a result dict as indented JSON (parent folders created); returns the path."""
+    """Write a result dict as indented JSON (parent folders created; written beside and renamed into
+    place, so a kill leaves the previous file or the new one, never half of one); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
     return path
 
 

@@ -98,15 +98,11 @@ def audit(descriptors, labels, *, probs=None, k: int = 32, alpha: float = 0.5, c
     if n < 2:
         raise ValueError(f"descriptors: expected at least 2 labeled rows (each is judged by the others), got {n}")
     k = check_int(k, "k", 1, 2**31 - 1)
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha: expected a weight in [0, 1], got {alpha!r}")
+    check_alpha(alpha)
     y_raw = np.asarray(labels)
     if probs is not None:
         p = np.asarray(probs, dtype=np.float64)
-        if p.ndim != 2 or p.shape[0] != n or p.shape[1] < 2:
-            raise ValueError(f"probs: expected an array of shape ({n}, C) with C >= 2, got shape {p.shape}")
-        if not np.all(np.isfinite(p)) or p.min() < 0 or not np.allclose(p.sum(1), 1.0, atol=1e-4):
-            raise ValueError("probs: expected finite non-negative rows summing to 1 (class probabilities)")
+        check_prob_rows(p, n, "probs")
     if classes is None:
         if probs is not None:
             classes = p.shape[1]
@@ -151,6 +147,22 @@ def _report(y: np.ndarray, nb: np.ndarray, nb_scores: np.ndarray, classes: int, 
     return Audit(indices=order.astype(np.int64), scores=1.0 - self_conf[order], given=y[order],
                  suggested=suggested[order].astype(np.int64), flagged=flagged[order], q=q[order],
                  neighbours=nb[order], neighbour_scores=nb_scores[order], provenance=prov, _labels=y)
+
+
+def check_alpha(alpha) -> float:
+    """alpha as a float; ValueError unless a real weight in [0, 1] (booleans refused)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha: expected a weight in [0, 1], got {alpha!r}")
+    return float(alpha)
+
+
+def check_prob_rows(p: np.ndarray, n: int, name: str, note: str = "") -> None:
+    """p (float64) must be (n, C >= 2) class probabilities: finite, non-negative, rows summing to 1.
+    `note` follows the expected shape in the message (e.g. " (this rank's rows)")."""
+    if p.ndim != 2 or p.shape[0] != n or p.shape[1] < 2:
+        raise ValueError(f"{name}: expected an array of shape ({n}, C) with C >= 2{note}, got shape {p.shape}")
+    if n and (not np.all(np.isfinite(p)) or p.min() < 0 or not np.allclose(p.sum(1), 1.0, atol=1e-4)):
+        raise ValueError(f"{name}: expected finite non-negative rows summing to 1 (class probabilities)")
 
 
 def _drop_self(index: np.ndarray, scores: np.ndarray):

@@ -209,6 +209,23 @@ NOISE_KINDS = ("symmetric", "class_conditional")
 SPLIT_NOISE_KINDS = NOISE_KINDS + ("bernoulli",)  # biased_split also keeps the older per-label coin flips
 
 
+def _integer_labels(values, name: str) -> np.ndarray:
+    y = np.asarray(values)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise TypeError(f"{name}: expected a 1-D integer array, got {y.dtype} of shape {y.shape}")
+    return y
+
+
+def _check_rate(rate) -> None:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating)) or not 0 <= float(rate) < 1:
+        raise ValueError(f"rate: expected a fraction in [0, 1), got {rate!r}")
+
+
+def _check_range(y: np.ndarray, name: str, classes: int) -> None:
+    if y.size and (y.min() < 0 or y.max() >= classes):
+        raise ValueError(f"{name}: expected classes in [0, {classes}), got range [{y.min()}, {y.max()}]")
+
+
 def inject_label_noise(labels, rate: float, kind: str = "symmetric", *, classes: int | None = None,
                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Wrong labels at an exact rate: (noisy labels, the sorted rows whose label was changed).
@@ -219,16 +236,12 @@ def inject_label_noise(labels, rate: float, kind: str = "symmetric", *, classes:
     class, as when one class is systematically mistaken for a neighbour). labels: (n,) ints in
     [0, C); classes: C (default max(labels) + 1, at least 2); rate in [0, 1).
     """
-    y = np.asarray(labels)
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise TypeError(f"labels: expected a 1-D integer array, got {y.dtype} of shape {y.shape}")
-    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating)) or not 0 <= float(rate) < 1:
-        raise ValueError(f"rate: expected a fraction in [0, 1), got {rate!r}")
+    y = _integer_labels(labels, "labels")
+    _check_rate(rate)
     if kind not in NOISE_KINDS:
         raise ValueError(f"kind: expected one of {list(NOISE_KINDS)}, got {kind!r}")
     classes = max(2, int(y.max()) + 1) if classes is None and y.size else (classes or 2)
-    if y.size and (y.min() < 0 or y.max() >= classes):
-        raise ValueError(f"labels: expected classes in [0, {classes}), got range [{y.min()}, {y.max()}]")
+    _check_range(y, "labels", classes)
     rng = np.random.default_rng(seed)
     count = int(round(float(rate) * len(y)))
     rows = np.sort(rng.choice(len(y), size=count, replace=False)) if count else np.zeros(0, dtype=np.int64)
@@ -247,18 +260,13 @@ def annotate_again(truth, rate: float, kind: str = "symmetric", *, classes: int,
     other class ("symmetric", "bernoulli") or the next class c + 1 mod C ("class_conditional").
     truth: (n,) ints in [0, classes) (class positions), classes >= 2, rate in [0, 1).
     Returns (n,) int64."""
-    truth = np.asarray(truth)
-    if truth.ndim != 1 or not np.issubdtype(truth.dtype, np.integer):
-        raise TypeError(f"truth: expected a 1-D integer array, got {truth.dtype} of shape {truth.shape}")
-    truth = truth.astype(np.int64)
+    truth = _integer_labels(truth, "truth").astype(np.int64)
     if kind not in SPLIT_NOISE_KINDS:
         raise ValueError(f"kind: expected one of {list(SPLIT_NOISE_KINDS)}, got {kind!r}")
     if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 2:
         raise ValueError(f"classes: expected an integer >= 2, got {classes!r}")
-    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating)) or not 0 <= float(rate) < 1:
-        raise ValueError(f"rate: expected a fraction in [0, 1), got {rate!r}")
-    if truth.size and (truth.min() < 0 or truth.max() >= classes):
-        raise ValueError(f"truth: expected classes in [0, {classes}), got range [{truth.min()}, {truth.max()}]")
+    _check_rate(rate)
+    _check_range(truth, "truth", classes)
     rng = np.random.default_rng(seed)
     wrong = rng.random(len(truth)) < rate
     shift = rng.integers(1, classes, size=len(truth)) if kind != "class_conditional" else np.ones(len(truth), np.int64)

@@ -62,13 +62,12 @@ ValueError on every rank). Without an initialised process group, or with one ran
 
 from __future__ import annotations
 
-import numbers
 import re
 
 import numpy as np
 import torch
 
-from pyfk.al.audit import Audit, _drop_self, _report
+from pyfk.al.audit import Audit, _drop_self, _report, check_alpha, check_prob_rows
 from pyfk.al.audit import audit as single_audit
 from pyfk.distributed import comm
 from pyfk.distributed import search as dsearch
@@ -176,8 +175,7 @@ def _parse(local_descriptors, local_labels, probs, k, alpha, classes, combine, n
     desc = as_descriptors(local_descriptors, DESC)
     n = desc.n
     k = check_int(k, "k", 1, 2**31 - 1)
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha: expected a weight in [0, 1], got {alpha!r}")
+    alpha = check_alpha(alpha)
     check_choice(combine, "combine", COMBINES)
     check_choice(normalize, "normalize", NORMALIZES)
     if query_block is not None:
@@ -191,11 +189,7 @@ def _parse(local_descriptors, local_labels, probs, k, alpha, classes, combine, n
             p = np.asarray(probs, dtype=np.float64)
         except (TypeError, ValueError):
             raise TypeError(f"{PROBS}: expected an array of class probabilities, got {type(probs).__name__}") from None
-        if p.ndim != 2 or p.shape[0] != n or p.shape[1] < 2:
-            raise ValueError(f"{PROBS}: expected an array of shape ({n}, C) with C >= 2 (this rank's rows), "
-                             f"got shape {p.shape}")
-        if n and (not np.all(np.isfinite(p)) or p.min() < 0 or not np.allclose(p.sum(1), 1.0, atol=1e-4)):
-            raise ValueError(f"{PROBS}: expected finite non-negative rows summing to 1 (class probabilities)")
+        check_prob_rows(p, n, PROBS, " (this rank's rows)")
     if classes is not None:
         classes = check_int(classes, "classes", 2, 2**31 - 1)
         if p is not None and p.shape[1] != classes:
@@ -208,7 +202,7 @@ def _parse(local_descriptors, local_labels, probs, k, alpha, classes, combine, n
     if n:
         check_pair(desc, desc, combine, qname=DESC, pname=DESC)  # has what `combine` needs
     resolve(backend, desc.device)
-    return desc, y, p, k, float(alpha), classes, query_block
+    return desc, y, p, k, alpha, classes, query_block
 
 
 def _dtype_name(a) -> str:
