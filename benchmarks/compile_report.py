@@ -69,7 +69,10 @@ from pathlib import Path
 from pyfk.bench import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL = "pyfk.engine.kernels.triton._fk_topk_kernel"
+KERNELS = {"merge": "pyfk.engine.kernels.triton._fk_topk_kernel",  # v1
+           "filter": "pyfk.engine.kernels._triton_filter._filter_kernel"}  # v2
+KERNEL = KERNELS["filter"]
+SUITE_N = 1_281_167  # the suite's ImageNet-scale pool (v2 launches over the whole pool)
 CAPABILITY = 90  # Hopper
 WARP_SIZE = 32
 SUITE_WIDTHS = (64, 128, 256, 512)  # benchmarks/gpu_suite.py WIDTHS
@@ -80,9 +83,12 @@ MMA_KINDS = ("wgmma", "mma.sync", "none/fma")
 
 @dataclass(frozen=True)
 class ReportConfig:
-    """One configuration to compile: what a caller of pyfk.topk chooses. The kernel's
-    tile sizes follow from these through pyfk's own launcher (`topk_update`); `tuning`
-    passes its tuning keywords (block_m, block_k, tile_r, num_warps) to override them."""
+    """One configuration to compile: what a caller of pyfk.topk chooses. kernel "filter" (v2):
+    the launch `_triton_filter.launch` makes with `_triton_filter.Config(**tuning)` (block_m,
+    block_n, group_m, num_warps, num_stages), mode "filter" (the pool pass) or "dense" (the
+    sample pass); k does not reach the v2 kernel. kernel "merge" (v1): the tile sizes follow
+    through pyfk's own launcher (`topk_update`); `tuning` passes its tuning keywords (block_m,
+    block_k, tile_r, num_warps) to override them."""
 
     name: str
     combine: str = "product"  # "product" (PRODUCT=True) or "sum" / "features" (one dot product)
@@ -92,13 +98,22 @@ class ReportConfig:
     tuning: dict = field(default_factory=dict)
     widths: tuple = SUITE_WIDTHS
     m: int = SUITE_M
+    kernel: str = "merge"
+    mode: str = "filter"
 
 
 def production_configs() -> list[ReportConfig]:
-    """The configurations production launches (pyfk's defaults), k = 32 (the suite's k), k = 64
-    (K_PAD 128 at low precision) and k = 128 (the kernel's largest), plus one small k (TILE_R = 2).
+    """The configurations production launches (pyfk's defaults). v2 ("filter-*"): the pool pass
+    in float16 (the default buffer), bfloat16, float32 (on TF32 tensor cores), combine="sum", and
+    the dense sample pass. v1 ("product-*", "sum-*"): k = 32 (the suite's k), k = 64 (K_PAD 128 at
+    low precision) and k = 128 (the kernel's largest), plus one small k (TILE_R = 2).
     About 5-25 s each here."""
     return [
+        ReportConfig("filter-product-fp16", "product", "float16", 32, kernel="filter"),
+        ReportConfig("filter-product-bf16", "product", "bfloat16", 32, kernel="filter"),
+        ReportConfig("filter-product-fp32", "product", "float32", 32, allow_tf32=True, kernel="filter"),
+        ReportConfig("filter-sum-fp16", "sum", "float16", 32, kernel="filter"),
+        ReportConfig("filter-dense-product-fp16", "product", "float16", 32, kernel="filter", mode="dense"),
         ReportConfig("product-bf16-k32", "product", "bfloat16", 32),
         ReportConfig("product-fp16-k32", "product", "float16", 32),
         ReportConfig("product-fp32-ieee-k32", "product", "float32", 32),
@@ -112,8 +127,8 @@ def production_configs() -> list[ReportConfig]:
 
 
 def main_config() -> ReportConfig:
-    """The configuration the v2 kernel's CI assertion checks (wgmma, no spills, vector
-    loads): the GPU suite's timing case -- combine="product", bfloat16, k = 32."""
+    """The configuration the CI assertion checks (wgmma, no spills, vectorised async loads): the
+    v2 pool pass on the GPU suite's timing case -- combine="product", the float16 buffer."""
     return production_configs()[0]
 
 
@@ -212,7 +227,8 @@ def load_facts(ops: Counter, ptx: str = "") -> dict:
     """Global-load facts from PTX: ld.global vector (.v2/.v4/.v8) vs scalar counts and element
     widths; cp.async copies (global -> shared, with their sizes in bytes, from `ptx`) and TMA
     (cp.async.bulk.tensor). `vectorized`: most of the loads that move operands (ld.global and
-    cp.async copies) move several elements: a vector ld.global or a cp.async of >= 8 bytes."""
+    cp.async copies) move several elements: a vector ld.global or a cp.async of >= 8 bytes; or
+    the operands come by TMA (whole tiles per copy)."""
     vec = scalar = scalar16 = 0
     bits = Counter()
     lanes = Counter()
@@ -247,7 +263,7 @@ def load_facts(ops: Counter, ptx: str = "") -> dict:
         return dict(sorted(((str(k), v) for k, v in c.items()), key=lambda kv: int(kv[0])))
 
     return {
-        "vectorized": vec + cp_wide > scalar + cp_narrow,
+        "vectorized": tma > 0 or vec + cp_wide > scalar + cp_narrow,
         "global_loads": vec + scalar,
         "vector_loads": vec,
         "scalar_loads": scalar,
@@ -351,9 +367,52 @@ def _import_kernel_module():
     return tt
 
 
+def capture_filter_launch(cfg: ReportConfig):
+    """(grid, args, kwargs, problem) of the v2 launch (`_triton_filter.launch`) for `cfg` on meta
+    tensors: the whole suite pool (SUITE_N rows) in its padded buffer, or for mode "dense" the
+    sample buffer (the sample size `filter_topk` picks for k)."""
+    import torch
+
+    from pyfk.bench import layout_for
+
+    _import_kernel_module()
+    from pyfk.engine.kernels import _triton_filter as tf
+
+    layout = layout_for(cfg.widths, cfg.combine)
+    lay = tf.PaddedLayout.of(layout.widths, layout.product)
+    steps = torch.empty(lay.steps().shape, dtype=torch.int32, device=torch.device("meta"))
+    tune = tf.Config(**cfg.tuning).check()
+    dtype = getattr(torch, cfg.dtype)
+    meta = torch.device("meta")
+    q = torch.empty((tf._round_up(cfg.m, tune.block_m), lay.width), dtype=dtype, device=meta)
+    # the precision filter_topk passes: tensor cores for 16-bit inputs, tf32 for a float32 buffer
+    precision = "tf32" if dtype == torch.float32 else "ieee"
+    problem = {"M": cfg.m, "D": layout.width, "D_pad": lay.width, "layout_widths": list(layout.widths),
+               "mode": cfg.mode}
+    if cfg.mode == "dense":
+        n = min(SUITE_N, max(tf.SAMPLE_PER_K * cfg.k, -(-SUITE_N // tf.SAMPLE_DIV)))
+        extra = {"dense_out": torch.empty((q.shape[0], n), dtype=torch.float32, device=meta)}
+    else:
+        n = SUITE_N
+        extra = {"tau": torch.empty(q.shape[0], dtype=torch.float32, device=meta),
+                 "cnt": torch.empty(q.shape[0], dtype=torch.int32, device=meta),
+                 "cand": (torch.empty((q.shape[0], 1024), dtype=torch.float32, device=meta),
+                          torch.empty((q.shape[0], 1024), dtype=torch.int32, device=meta))}
+    p = torch.empty((tf._round_up(n, tf.MAX_BLOCK_N), lay.width), dtype=dtype, device=meta)
+    problem["N"] = n
+    try:
+        tf.launch(_Recorder(), q, p, 0, n, lay, steps, tune, precision=precision, **extra)
+    except _Captured as c:
+        problem["grid"] = list(c.grid) if isinstance(c.grid, (tuple, list)) else str(c.grid)
+        return c.grid, c.args, c.kwargs, problem
+    raise RuntimeError(f"_triton_filter.launch did not launch the kernel for {cfg.name}")
+
+
 def capture_launch(cfg: ReportConfig):
-    """(grid, args, kwargs, problem) of the kernel launch pyfk's `topk_update` makes for `cfg`,
-    on meta tensors (nothing allocated, nothing run)."""
+    """(grid, args, kwargs, problem) of the kernel launch pyfk makes for `cfg` (v1: through
+    `topk_update`), on meta tensors (nothing allocated, nothing run)."""
+    if cfg.kernel == "filter":
+        return capture_filter_launch(cfg)
     import torch
 
     from pyfk.bench import layout_for
@@ -472,7 +531,12 @@ def compile_record(cfg: ReportConfig, rec: dict | None = None, artifacts: str | 
         triton.knobs.nvidia.dump_ptxas_log = True
     except Exception:  # noqa: BLE001 - an older knobs API: the log is re-made below
         pass
-    fn = tt._fk_topk_kernel
+    if cfg.kernel == "filter":
+        from pyfk.engine.kernels import _triton_filter as tf
+        tf.triton, tf.tl = triton, triton.language  # its module globals, as `jitted` sets them
+        fn = tf._filter_kernel
+    else:
+        fn = tt._fk_topk_kernel
     fn = getattr(fn, "fn", fn)  # the plain function, whatever wraps it
     jf = JITFunction(fn)
     target = GPUTarget("cuda", CAPABILITY, WARP_SIZE)
@@ -483,7 +547,9 @@ def compile_record(cfg: ReportConfig, rec: dict | None = None, artifacts: str | 
     rec["config"] = {
         "combine": cfg.combine, "PRODUCT": const.get("PRODUCT"), "dtype": cfg.dtype,
         "input_precision": const.get("PRECISION"), "k": cfg.k, "allow_tf32": cfg.allow_tf32,
-        **{key: const.get(key) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "K_PAD", "TILE_R")},
+        "kernel": cfg.kernel, "mode": cfg.mode if cfg.kernel == "filter" else None,
+        **{key: const.get(key) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "K_PAD", "TILE_R", "GROUP_M",
+                                           "NUM_STAGES", "STEP")},
         "num_warps": options.num_warps, "num_stages": options.num_stages,
     }
     rec["specialization"] = {
@@ -491,7 +557,8 @@ def compile_record(cfg: ReportConfig, rec: dict | None = None, artifacts: str | 
         "divisible_by_16": [names[k[0]] for k, v in attrs.items() if any("divisibility" in str(a) for a in v)],
         "constexprs": _jsonable({k: v for k, v in const.items()}),
     }
-    rec["config_source"] = "pyfk.engine.kernels.triton.topk_update launch (meta tensors), triton's JIT binder"
+    rec["config_source"] = ("pyfk.engine.kernels._triton_filter.launch" if cfg.kernel == "filter" else
+                            "pyfk.engine.kernels.triton.topk_update") + " launch (meta tensors), triton's JIT binder"
     ptxas_path = None
     with contextlib.suppress(Exception):
         from triton.backends.nvidia.compiler import get_ptxas
@@ -555,7 +622,8 @@ def compile_record(cfg: ReportConfig, rec: dict | None = None, artifacts: str | 
 # ----------------------------------------------------------------------------- driver (parent side)
 
 def _base_record(cfg: ReportConfig) -> dict:
-    return {"name": cfg.name, "request": asdict(cfg), "kernel": KERNEL, "triton_version": _triton_version(),
+    return {"name": cfg.name, "request": asdict(cfg), "kernel": KERNELS[cfg.kernel],
+            "triton_version": _triton_version(),
             "target": {"backend": "cuda", "capability": CAPABILITY, "warp_size": WARP_SIZE}, "error": None}
 
 
@@ -650,8 +718,10 @@ def summary_line(rec: dict) -> str:
         return f"  FAIL {rec['name']}: {rec['error'].splitlines()[0]}"
     c, ld, ins = rec["config"], rec["loads"], rec["instructions"]
     cp = " ".join(f"{n}x{b}B" for b, n in ld["cp_async_bytes"].items()) or "0"
-    return (f"  ok   {rec['name']}: BM={c['BLOCK_M']} BN={c['BLOCK_N']} BK={c['BLOCK_K']} K_PAD={c['K_PAD']} "
-            f"TILE_R={c['TILE_R']} warps={c['num_warps']} stages={c['num_stages']} | regs {rec['registers']} "
+    tiles = (f"BM={c['BLOCK_M']} BN={c['BLOCK_N']} GROUP_M={c['GROUP_M']} STEP={c['STEP']}"
+             if c.get("kernel") == "filter" else
+             f"BM={c['BLOCK_M']} BN={c['BLOCK_N']} BK={c['BLOCK_K']} K_PAD={c['K_PAD']} TILE_R={c['TILE_R']}")
+    return (f"  ok   {rec['name']}: {tiles} warps={c['num_warps']} stages={c['num_stages']} | regs {rec['registers']} "
             f"spill st/ld {rec['spill_stores_bytes']}/{rec['spill_loads_bytes']} B | {rec['mma']} | "
             f"ld.global vec/scalar {ld['vector_loads']}/{ld['scalar_loads']} "
             f"(16-bit scalar {ld['scalar_16bit_loads']}) cp.async {cp} tma {ld['cp_async_bulk_tensor']} "
@@ -665,7 +735,7 @@ def run_report(configs, json_path=None, timeout: float = CHILD_TIMEOUT_S, log=No
     t0 = time.monotonic()
     report = {
         "report": "pyfk compile report (issue #12 item 3): Triton kernel compiled for sm_90 without a GPU",
-        "kernel": KERNEL,
+        "kernels": KERNELS,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "triton_version": _triton_version(),
         "target": {"backend": "cuda", "capability": CAPABILITY, "warp_size": WARP_SIZE},

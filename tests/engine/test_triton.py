@@ -1,4 +1,5 @@
-"""The fused Triton top-k kernel: on CPU under the Triton interpreter, on CUDA compiled.
+"""The triton backend's v1 kernel (kernel="merge": running top-k merged in registers): on CPU
+under the Triton interpreter, on CUDA compiled. The v2 kernel (the default): test_triton_filter.py.
 
 TRITON_INTERPRET=1 must be set before triton is first imported (it is, here,
 when no CUDA device is present). The interpreter
@@ -73,7 +74,8 @@ def run_backend(qz, qg, pz, pg, k, combine, normalize="pcc", dtype=torch.float32
     s0, i0 = state if state is not None else empty_state(len(qz[0]), k)
     if (via or ("backend" if splits is None else "launcher")) == "backend":
         assert not kw, "tuning arguments go to the launcher only"
-        opts = BACKEND.resolve_options({**({"splits": splits} if splits else {}), **(options or {})})
+        # this file is about the v1 kernel ("merge"); v2 has tests/engine/test_triton_filter.py
+        opts = BACKEND.resolve_options({"kernel": "merge", **({"splits": splits} if splits else {}), **(options or {})})
         pool = BACKEND.prepare(pp, Layout(tuple(widths), combine), normalize, device=DEVICE)
         got = BACKEND.topk(q, pool, slice(None), k, TopK(s0, i0), offset, opts)
         s, i = got.scores, got.index
@@ -220,10 +222,12 @@ def test_similarity_and_chunk_rows(rng):
 
 
 def test_backend_options():
-    """splits / allow_tf32 are backend options (pyfk.topk(..., options=...)), checked up front."""
-    assert BACKEND.options == {"splits": None, "allow_tf32": False}
-    assert BACKEND.resolve_options(None) == {"splits": None, "allow_tf32": False}
-    assert BACKEND.resolve_options({"splits": 4}) == {"splits": 4, "allow_tf32": False}
+    """kernel / precision / splits / allow_tf32 are backend options (pyfk.topk(..., options=...)),
+    checked up front (kernel and precision: tests/engine/test_triton_filter.py)."""
+    defaults = {"kernel": "filter", "precision": None, "splits": None, "allow_tf32": False}
+    assert BACKEND.options == defaults
+    assert BACKEND.resolve_options(None) == defaults
+    assert BACKEND.resolve_options({"splits": 4}) == {**defaults, "splits": 4}
     with pytest.raises(ValueError, match="unknown.*'tile'"):
         BACKEND.resolve_options({"tile": 3})
     for bad in (0, -2, 1.5, "4", True):
@@ -233,8 +237,9 @@ def test_backend_options():
         BACKEND.resolve_options({"allow_tf32": "yes"})
 
 
-@pytest.mark.parametrize("options", [{}, {"splits": 1}, {"splits": 5}, {"allow_tf32": True}],
-                         ids=["defaults", "splits1", "splits5", "tf32"])
+@pytest.mark.parametrize("options", [{"kernel": "filter"}, {}, {"splits": 1}, {"splits": 5}, {"allow_tf32": True},
+                                     {"kernel": "filter", "allow_tf32": True}],
+                         ids=["v2", "v1", "v1-splits1", "v1-splits5", "v1-tf32", "v2-tf32"])
 def test_backend_options_keep_the_exact_answer(options, rng):
     """Small-integer data is exact in float32 and in TF32 (<= 11 significant bits): every
     option setting gives the one tie-stable answer, through the backend's topk."""

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from pyfk.engine.backend import Backend, register
+from pyfk.engine.kernels import _triton_filter as _filter
 from pyfk.engine.kernels import torch as _torch_kernel
 from pyfk.engine.layout import Layout
 from pyfk.engine.topk_state import EMPTY_KEY, MAX_INDEX, TopK, pack_keys, unpack_keys
@@ -220,33 +221,6 @@ def _pairs(widths, product: bool) -> list[tuple[slice, slice]]:
     return Layout(tuple(widths), "product").pairs() if product else []
 
 
-def _exact_scores(q32, p32, widths, product, cand, index_offset):
-    """float32 scores of query rows q32 (m, D) against pool candidates cand (m, r) (global
-    indices, -1 = none): -inf where empty. Computed in row chunks from float32 rows."""
-    m, r = cand.shape
-    out = torch.full((m, r), float("-inf"), dtype=torch.float32, device=q32.device)
-    d = q32.shape[1]
-    pairs = _pairs(widths, product)
-    step = max(1, (1 << 24) // max(1, r * d))
-    for lo in range(0, m, step):
-        hi = min(m, lo + step)
-        c = cand[lo:hi]
-        valid = c >= 0
-        rows = torch.where(valid, c - index_offset, torch.zeros_like(c))
-        prow = p32[rows.reshape(-1)].reshape(hi - lo, r, d)
-        prod = prow * q32[lo:hi, None, :]
-        if product:
-            total = None
-            for z, g in pairs:
-                zz = prod[..., z].sum(-1)
-                gg = prod[..., g].sum(-1)
-                total = zz * gg if total is None else total + zz * gg
-        else:
-            total = prod.sum(-1)
-        out[lo:hi] = torch.where(valid, total, out[lo:hi])
-    return out
-
-
 def _default_splits(m_blocks: int, n_tiles: int, device) -> int:
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -341,7 +315,9 @@ def topk_update(q, p, widths, product, k, index_offset, scores, index, *, splits
         _, cidx = unpack_keys(top)
         q32 = q_exact if q_exact is not None else q.float()
         p32 = p_exact if p_exact is not None else p.float()
-        exact = _exact_scores(q32.to(q.device), p32.to(q.device), list(widths), product, cidx, index_offset)
+        p32 = p32.to(q.device)
+        local = torch.where(cidx >= 0, cidx - index_offset, cidx)
+        exact = _filter.exact_scores(q32.to(q.device), lambda rows: p32[rows], list(widths), product, local)
         cand = pack_keys(exact, cidx)
     state = TopK(scores, index).merge(TopK.from_keys(cand))
     return state.scores, state.index
@@ -367,18 +343,35 @@ def _parts_low_dtype(parts):
     return None
 
 
-class TritonBackend(Backend):
-    """Options: splits (pool splits per query block; None = enough programs to fill the GPU),
-    allow_tf32 (float32 dots on TF32 tensor cores instead of exact IEEE fp32).
+KERNELS = ("filter", "merge")
 
-    The pool chunk is normalised on the device and computed in the pool's dtype when every
-    segment is float16/bfloat16 (candidates re-ranked exactly in float32), else in float32.
+
+def filter_kernel():
+    """The jitted v2 kernel (pyfk/engine/kernels/_triton_filter.py)."""
+    reason = _load()
+    if reason is not None:
+        raise RuntimeError(f"the Triton backend is not available: {reason}")
+    return _filter.jitted(triton, tl)
+
+
+class TritonBackend(Backend):
+    """Options: kernel ("filter": v2, threshold then filter, any k, one launch over the pool;
+    "merge": v1, running top-k merged in registers, k <= 128), precision (v2's pool buffer:
+    None = float16, or bfloat16 when values exceed float16's safe range; "fp16", "bf16", "fp32"),
+    splits (v1: pool splits per query block; None = enough programs to fill the GPU),
+    allow_tf32 (v1: float32 dots on TF32 tensor cores instead of exact IEEE fp32; v2 always runs a
+    float32 buffer on TF32 tensor cores, its margin covering their rounding, and re-scores in float32).
+
+    v2 prepares the pool once per PreparedPool (a padded low-precision buffer, cached in
+    `pool.extra`) and returns exact float32 top-k (see _triton_filter). v1 normalises each pool
+    chunk on the device and computes in the pool's dtype when every segment is float16/bfloat16
+    (candidates re-ranked in float32), else in float32.
     """
 
     name = "triton"
     devices = ("cuda",)
-    description = "fused Triton Hadamard-Gram top-k (tl.dot, in-register bitonic top-k)"
-    options = {"splits": None, "allow_tf32": False}
+    description = "fused Triton Hadamard-Gram top-k (v2: sampled threshold, filtered candidates, fp32 re-score)"
+    options = {"kernel": "filter", "precision": None, "splits": None, "allow_tf32": False}
     auto_priority = {"cuda": 0}
 
     def unavailable_reason(self):
@@ -397,15 +390,24 @@ class TritonBackend(Backend):
     def resolve_options(self, options):
         """The defaults updated with `options`, checked (ValueError naming a bad option)."""
         opts = super().resolve_options(options)
+        if opts["kernel"] not in KERNELS:
+            raise ValueError(f"kernel: expected one of {list(KERNELS)}, got {opts['kernel']!r}")
+        if opts["precision"] is not None and opts["precision"] not in _filter.PRECISIONS:
+            raise ValueError(f"precision: expected None or one of {list(_filter.PRECISIONS)}, "
+                             f"got {opts['precision']!r}")
         check_splits(opts["splits"])
         if not isinstance(opts["allow_tf32"], (bool, np.bool_)):
             raise ValueError(f"allow_tf32: expected True or False, got {opts['allow_tf32']!r}")
         return opts
 
     def chunk_rows(self, m, width, options):
+        if options["kernel"] == "filter":  # one launch over the whole (prepared) pool
+            return 1 << 62
         return chunk_rows(m, width)
 
     def topk(self, queries, pool, rows, k, state, offset, options):
+        if options["kernel"] == "filter":
+            return self._filter_topk(queries, pool, rows, k, state, offset, options)
         p32 = pool.block(rows)
         q32 = queries.float()
         low = _parts_low_dtype(pool.parts) if k <= MAX_K else None
@@ -414,6 +416,36 @@ class TritonBackend(Backend):
                            splits=options["splits"], allow_tf32=bool(options["allow_tf32"]),
                            q_exact=q32, p_exact=p32)
         return TopK(s, i)
+
+    def _filter_topk(self, queries, pool, rows, k, state, offset, options, cfg=None, stats=None):
+        fpool = _filter.FilterPool.of(pool, options["precision"])
+        if isinstance(rows, slice):
+            start = rows.indices(pool.n)[0]
+
+            def pool_rows(local):
+                return local.cpu().numpy() + start
+        else:
+            sel = np.asarray(rows)
+
+            def pool_rows(local):
+                return sel[local.cpu().numpy()]
+
+        def fetch(local):
+            return pool.block(pool_rows(local))
+
+        def reference(q, st):  # rows the filter gave up on: the torch reference, chunk by chunk
+            positions = np.arange(pool.n)[rows] if isinstance(rows, slice) else np.asarray(rows)
+            step = pool.stream_rows
+            s, i = st.scores, st.index
+            for lo in range(0, len(positions), step):
+                block = pool.block(positions[lo:lo + step])
+                s, i = _torch_kernel.topk_update(q, block, pool.layout.widths, pool.layout.product, k,
+                                                 offset + lo, s, i)
+            return TopK(s, i)
+
+        return _filter.filter_topk(filter_kernel(), queries.float(), fpool, rows, k, state, offset, fetch,
+                                   pool.layout.product, cfg=cfg, stats=stats,
+                                   reference=reference)
 
 
 register(TritonBackend())
