@@ -21,7 +21,10 @@ In one run, under ~9 minutes (a global guard skips what is left, reporting it):
      tolerance (`pyfk.bench.TOLERANCE`), valid distinct indices, descending finite
      scores (recall@k instead of scores for approximate backends);
   4. the dense bf16 GEMM rate (torch.matmul 8192^3, CUDA events, median);
-  5. timings of pyfk.topk per backend on bf16 descriptors: N=200k M=5k, then the
+  5. timings of pyfk.topk per backend on bf16 descriptors (the triton row records what its
+     v2 kernel did: sample, candidate slots, candidates, redone rows), then VARIANTS (triton's v1
+     kernel), then per timed case 64 sampled queries of every exact backend against the
+     float32 reference: recall@k must be 1.0. Cases: N=200k M=5k, then the
      ImageNet-scale case N=1,281,167 M=50,000 L=64/128/256/512 k=32. A backend whose
      full run would not fit its time budget (the torch reference, always, at full scale)
      is timed on a slice of the queries and scaled linearly in M; the table says so
@@ -31,7 +34,8 @@ In one run, under ~9 minutes (a global guard skips what is left, reporting it):
 Prints per backend and dtype: ms, TFLOP/s (4*sum(L)*M*N), % of the measured bf16 GEMM
 rate, speed-up vs the torch reference, peak CUDA memory. Writes
 benchmarks/results/gpu_suite_<date>.json (and a copy under $OUT when that is set).
-The JSON is rewritten after every phase (setup, kernels, correctness, gemm, timing: a kill
+The JSON is rewritten after every phase (setup, kernels, correctness, gemm, timing, variants,
+recall: a kill
 loses at most the phase running) and records the commit, which backend "auto" takes for CUDA
 tensors, and why any backend is unavailable. --build checks for Python.h first.
 Exits 1 if a correctness check fails or one of pyfk's own GPU backends (triton, cuda, torch)
@@ -77,6 +81,9 @@ TIMING_CASES = [  # name, M, N, per-backend budget (s)
     ("imagenet_N1281167_M50000", 50_000, 1_281_167, 45.0),
 ]
 QUICK_CASES = [("N50k_M2k", 2_000, 50_000, 10.0)]
+# timed besides each backend's defaults: (label, backend, options) -- the triton v1 kernel against v2
+VARIANTS = [("triton[merge]", "triton", {"kernel": "merge"})]
+RECALL_QUERIES = 64  # per timed case: sampled queries checked against the float32 reference
 GEMM_N, GEMM_DTYPE, GEMM_REPEATS = 8192, "bfloat16", 20
 TIME_LIMIT_S = 540.0  # stop starting new work after 9 minutes
 DEVICE = "cuda"  # every tensor the suite makes lives here
@@ -350,7 +357,102 @@ def timing(names, cases, gemm: dict, clock: Clock, options: dict) -> list:
             row = {**meta, **r}
             if r["gflops"] is not None:
                 row["tflops"] = r["gflops"] / 1e3
+            if r["backend"] == "triton" and (options.get("triton") or {}).get("kernel", "filter") == "filter":
+                row["filter_stats"] = filter_stats()
             rows.append(row)
+    return rows
+
+
+def filter_stats() -> dict:
+    """What the triton v2 kernel's latest search did (sample, candidate slots, candidates, redone
+    and fallback rows, re-scored candidates)."""
+    from dataclasses import asdict
+
+    from pyfk.engine.kernels import _triton_filter
+
+    return asdict(_triton_filter.LAST)
+
+
+def variant_timing(avail, cases, rows, gemm: dict, clock: Clock) -> list:
+    """VARIANTS timed like `timing` (their own run_bench calls), speed-up against the torch row of
+    the same case in `rows`."""
+    from pyfk import bench as harness
+
+    out = []
+    for label, name, opts in VARIANTS:
+        if name not in avail:
+            continue
+        for case, M, N, budget in cases:
+            meta = {"case": case, "dtype": TIMING_DTYPE, "M": M, "N": N, "widths": list(WIDTHS), "k": K,
+                    "flops": harness.topk_flops(M, N, WIDTHS, "product"), "options": opts}
+            if clock.left() < 60:
+                out.append({**meta, "backend": label, "skipped": "time guard"})
+                continue
+            try:
+                res = harness.run_bench(M, N, WIDTHS, k=K, dtype=TIMING_DTYPE, backends=[name],
+                                        repeats=TIMING_REPEATS, check=False, baseline=False, peak=True,
+                                        seed=TIMING_SEED, device=DEVICE,
+                                        options={f"{name}.{key}": v for key, v in opts.items()}, budget=budget,
+                                        deadline=clock.deadline, gemm=gemm, errors="record")
+            except Exception as exc:  # noqa: BLE001 - recorded
+                out.append({**meta, "backend": label, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            ref = next((r for r in rows if r.get("case") == case and r.get("backend") == REFERENCE
+                        and r.get("seconds")), None)
+            for r in res["rows"]:
+                row = {**meta, **r, "backend": label}
+                if r["gflops"] is not None:
+                    row["tflops"] = r["gflops"] / 1e3
+                if ref and r["seconds"]:
+                    row["speedup_vs_torch"] = ref["seconds"] / r["seconds"]
+                out.append(row)
+                what = f"{1e3 * r['seconds']:.1f} ms" if r["seconds"] else (r.get("error") or r.get("note"))
+                log(f"  {case} {label}: {what}")
+    return out
+
+
+def recall_checks(avail, cases, failures: list, options: dict, clock: Clock) -> list:
+    """Per timed case, RECALL_QUERIES evenly spaced queries of the timing problem (same seeds)
+    against the whole pool: every exact backend (and VARIANTS) against the float32 torch
+    reference. recall@k must be 1.0 (a failure otherwise); the largest score error is reported."""
+    import torch
+
+    from pyfk import bench as harness
+
+    runs = [(n, n, options.get(n) or None) for n in avail if harness.is_exact(n) and n != REFERENCE]
+    runs += [(label, n, opts) for label, n, opts in VARIANTS if n in avail]
+    rows = []
+    for case, M, N, _ in cases:
+        if clock.left() < 45:
+            rows.append({"case": case, "skipped": "time guard"})
+            continue
+        try:
+            q_all = harness.make_descriptors(M, WIDTHS, TIMING_DTYPE, TIMING_SEED, DEVICE)
+            pick = torch.linspace(0, M - 1, min(M, RECALL_QUERIES), device=DEVICE).round().long().unique()
+            q = q_all.take(pick.cpu().numpy())
+            del q_all
+            p = harness.make_descriptors(N, WIDTHS, TIMING_DTYPE, TIMING_SEED + 1, DEVICE)
+            want_s, want_i = harness.topk_runner(REFERENCE, q, p, K, "product", None)()
+        except Exception as exc:  # noqa: BLE001 - recorded
+            rows.append({"case": case, "error": f"{type(exc).__name__}: {exc}"})
+            failures.append(f"recall {case}: {type(exc).__name__}: {exc}")
+            continue
+        for label, name, opts in runs:
+            row = {"case": case, "backend": label, "queries": int(pick.numel()), "k": K}
+            try:
+                got_s, got_i = harness.topk_runner(name, q, p, K, "product", opts)()
+                row["recall"] = harness.recall_at_k(got_i.cpu(), want_i.cpu())
+                row["max_abs_score_error"] = float((got_s.float().cpu() - want_s.float().cpu()).abs().max())
+                row["ok"] = row["recall"] == 1.0
+            except Exception as exc:  # noqa: BLE001 - recorded
+                row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+            rows.append(row)
+            if not row["ok"]:
+                failures.append(f"recall {case} {label}: {row.get('error') or row}")
+            log(f"  {'ok  ' if row['ok'] else 'FAIL'} {case} {label}: recall@{K} {row.get('recall')}, "
+                f"max |score error| {row.get('max_abs_score_error')}")
+        del p
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -501,6 +603,12 @@ def main(argv=None) -> int:
         log("\n[timing]")
         result["timing"] = timing(avail, cases, result["gemm"], clock, options)
         save("timing")
+        log("\n[variants]")
+        result["timing"] += variant_timing(avail, cases, result["timing"], result["gemm"], clock)
+        save("variants")
+        log(f"\n[recall] {RECALL_QUERIES} sampled queries per timed case vs the float32 reference")
+        result["recall"] = recall_checks(avail, cases, failures, options, clock)
+        save("recall")
     save("done")
     log(f"\nwrote {path}")
     if "timing" in result:

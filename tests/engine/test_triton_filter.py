@@ -265,3 +265,21 @@ def test_v1_still_selectable(rng):
     s, i, _ = search(qz, qg, pz, pg, 7, "product", "none", options={"kernel": "merge"})
     np.testing.assert_array_equal(i, order)
     np.testing.assert_array_equal(s, best)
+
+
+def test_query_chunks(rng, monkeypatch):
+    """Queries in several chunks (a small work budget): the dense sample pass and the filter walk
+    them a chunk at a time; the answer is the one-chunk answer."""
+    widths = [5, 9]
+    qz, qg = make_arrays(rng, 40, widths, integer=True)
+    pz, pg = make_arrays(rng, 150, widths, integer=True)
+    best, order = topk64(similarity64(qz, qg, pz, pg, "product", "none"), 6)
+    q_parts, lay = Layout.of(descriptors(qz, qg, "product"), "product")
+    p_parts, _ = Layout.of(descriptors(pz, pg, "product"), "product")
+    q = normalized_block(q_parts, slice(None), "none")
+    pool = BACKEND.prepare(p_parts, lay, "none")
+    monkeypatch.setattr(tf, "WORK_BYTES", 1)  # one block of SMALL.block_m = 16 queries per chunk
+    got = BACKEND._filter_topk(q, pool, slice(None), 6, TopK.empty(40, 6, q.device), 0,
+                               BACKEND.resolve_options(None), cfg=SMALL)
+    np.testing.assert_array_equal(got.index.cpu().numpy(), order)
+    np.testing.assert_array_equal(got.scores.cpu().numpy(), best)

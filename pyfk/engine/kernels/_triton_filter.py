@@ -474,6 +474,11 @@ class Stats:
     redone: int = 0
     fallback: int = 0
     rescored: int = 0
+    queries: int = 0
+    pool_rows: int = 0
+
+
+LAST = Stats()  # the latest filter_topk call's (benchmarks/gpu_suite.py records it with its timings)
 
 
 def filter_topk(kernel, q32, fpool: FilterPool, sel, k, state: TopK, index_offset, fetch, product, *,
@@ -483,8 +488,10 @@ def filter_topk(kernel, q32, fpool: FilterPool, sel, k, state: TopK, index_offse
     rows `sel` of fpool (local position i has global index index_offset + i). fetch(positions)
     gives float32 rows for re-scoring; reference(q32 rows, state) finishes rows the filter gave
     up on (MAX_REDOS overflows)."""
+    global LAST
     cfg = (cfg or Config()).check()
     stats = stats if stats is not None else Stats()
+    LAST = stats
     lay = fpool.layout
     dtype = fpool.dtype
     # a float32 buffer runs on TF32 tensor cores (the margin covers their rounding): the IEEE
@@ -493,6 +500,7 @@ def filter_topk(kernel, q32, fpool: FilterPool, sel, k, state: TopK, index_offse
     p_buf, lo, hi = fpool.rows(sel)
     n = hi - lo
     m = q32.shape[0]
+    stats.queries, stats.pool_rows = m, n
     if m == 0 or n == 0:
         return state
     q_buf, q_norm, q_resid = pad_rows(q32, lay, dtype, cfg.block_m)
@@ -529,14 +537,14 @@ def filter_topk(kernel, q32, fpool: FilterPool, sel, k, state: TopK, index_offse
     cap = int(min(MAX_CAP, max(MIN_CAP, 2 * k, 1 << math.ceil(math.log2(1.5 * typical + 2 * k)))))
     stats.cap = cap
     chunk = max(cfg.block_m, (WORK_BYTES // (8 * cap)) // cfg.block_m * cfg.block_m)
-    parts = []
-    for q0 in range(0, m, chunk):
+    for q0 in range(0, m, chunk):  # filter, then select, a chunk at a time (one candidate buffer live)
         q1 = min(m, q0 + chunk)
         qb = q_buf[q0:q0 + _round_up(q1 - q0, cfg.block_m)]
         keys = _filter_rows(kernel, qb, p_buf, lo, hi, lay, fpool.steps, cfg, tau[q0:q1], cap, index_offset,
                             precision, k, margin[q0:q1], stats)
-        parts.append((q0, q1, keys))
-    return _select(q32, parts, state, k, margin, fetch, lay.widths, product, index_offset, stats, reference)
+        state = _select(q32, [(q0, q1, keys)], state, k, margin, fetch, lay.widths, product, index_offset, stats,
+                        reference)
+    return state
 
 
 def _filter_rows(kernel, qb, p_buf, lo, hi, lay, steps, cfg, tau, cap, index_offset, precision, k, margin,
