@@ -385,12 +385,11 @@ def capture_filter_launch(cfg: ReportConfig):
     dtype = getattr(torch, cfg.dtype)
     meta = torch.device("meta")
     q = torch.empty((tf._round_up(cfg.m, tune.block_m), lay.width), dtype=dtype, device=meta)
-    # the precision filter_topk passes: tensor cores for 16-bit inputs, tf32 for a float32 buffer
-    precision = "tf32" if dtype == torch.float32 else "ieee"
+    precision = tf.input_precision(dtype)  # what filter_topk passes
     problem = {"M": cfg.m, "D": layout.width, "D_pad": lay.width, "layout_widths": list(layout.widths),
                "mode": cfg.mode}
     if cfg.mode == "dense":
-        n = min(SUITE_N, max(tf.SAMPLE_PER_K * cfg.k, -(-SUITE_N // tf.SAMPLE_DIV)))
+        n = tf.sample_size(SUITE_N, cfg.k)
         extra = {"dense_out": torch.empty((q.shape[0], n), dtype=torch.float32, device=meta)}
     else:
         n = SUITE_N

@@ -316,19 +316,41 @@ def backend_checks(names, failures: list, seed: int, options: dict) -> list:
 
 # ----------------------------------------------------------------------------- 5. timings
 
+def case_meta(case: str, M: int, N: int) -> dict:
+    """What every timing row of a case records about the problem."""
+    from pyfk import bench as harness
+
+    return {"case": case, "dtype": TIMING_DTYPE, "M": M, "N": N, "widths": list(WIDTHS), "k": K,
+            "flops": harness.topk_flops(M, N, WIDTHS, "product")}
+
+
+def bench_case(M: int, N: int, backends, scoped: dict, budget: float, gemm: dict, clock: Clock, **kw) -> dict:
+    """pyfk.bench.run_bench on the suite's timing problem (seeds, dtype, k, repeats, peak memory,
+    budget mode against the run's deadline, the measured GEMM rate)."""
+    from pyfk import bench as harness
+
+    return harness.run_bench(M, N, WIDTHS, k=K, dtype=TIMING_DTYPE, backends=backends, repeats=TIMING_REPEATS,
+                             check=False, baseline=False, peak=True, seed=TIMING_SEED, device=DEVICE,
+                             options=scoped, budget=budget, deadline=clock.deadline, gemm=gemm, errors="record", **kw)
+
+
+def with_tflops(row: dict) -> dict:
+    if row.get("gflops") is not None:
+        row["tflops"] = row["gflops"] / 1e3
+    return row
+
+
 def timing(names, cases, gemm: dict, clock: Clock, options: dict) -> list:
     """pyfk.bench.run_bench per case (budget mode, the run's deadline, the measured GEMM
     rate), the reference first; rows tagged with the case."""
     import torch
 
-    from pyfk import bench as harness
 
     order = [REFERENCE] + [n for n in names if n != REFERENCE]
     scoped = {f"{n}.{key}": value for n in order for key, value in (options.get(n) or {}).items()}
     rows = []
     for case, M, N, budget in cases:
-        meta = {"case": case, "dtype": TIMING_DTYPE, "M": M, "N": N, "widths": list(WIDTHS), "k": K,
-                "flops": harness.topk_flops(M, N, WIDTHS, "product")}
+        meta = case_meta(case, M, N)
         # Rough need: the reference's pilot + slice, plus each backend's budget.
         if clock.left() < 60:
             rows += [{**meta, "backend": name, "skipped": "time guard"} for name in order]
@@ -343,10 +365,7 @@ def timing(names, cases, gemm: dict, clock: Clock, options: dict) -> list:
             log(f"  {case} {r['backend']}: {what}")
 
         try:
-            res = harness.run_bench(M, N, WIDTHS, k=K, dtype=TIMING_DTYPE, backends=order, repeats=TIMING_REPEATS,
-                                    check=False, baseline=False, peak=True, seed=TIMING_SEED, device=DEVICE,
-                                    options=scoped, budget=budget, deadline=clock.deadline, gemm=gemm,
-                                    errors="record", on_row=report)
+            res = bench_case(M, N, order, scoped, budget, gemm, clock, on_row=report)
         except Exception as exc:  # making the inputs (OOM) or setting up: every row of the case reports it
             what = "OOM making inputs" if isinstance(exc, torch.cuda.OutOfMemoryError) else type(exc).__name__
             rows += [{**meta, "backend": name, "error": f"{what}: {exc}"} for name in order]
@@ -354,9 +373,7 @@ def timing(names, cases, gemm: dict, clock: Clock, options: dict) -> list:
             torch.cuda.empty_cache()
             continue
         for r in res["rows"]:
-            row = {**meta, **r}
-            if r["gflops"] is not None:
-                row["tflops"] = r["gflops"] / 1e3
+            row = with_tflops({**meta, **r})
             if r["backend"] == "triton" and (options.get("triton") or {}).get("kernel", "filter") == "filter":
                 row["filter_stats"] = filter_stats()
             rows.append(row)
@@ -376,33 +393,26 @@ def filter_stats() -> dict:
 def variant_timing(avail, cases, rows, gemm: dict, clock: Clock) -> list:
     """VARIANTS timed like `timing` (their own run_bench calls), speed-up against the torch row of
     the same case in `rows`."""
-    from pyfk import bench as harness
 
     out = []
     for label, name, opts in VARIANTS:
         if name not in avail:
             continue
         for case, M, N, budget in cases:
-            meta = {"case": case, "dtype": TIMING_DTYPE, "M": M, "N": N, "widths": list(WIDTHS), "k": K,
-                    "flops": harness.topk_flops(M, N, WIDTHS, "product"), "options": opts}
+            meta = {**case_meta(case, M, N), "options": opts}
             if clock.left() < 60:
                 out.append({**meta, "backend": label, "skipped": "time guard"})
                 continue
             try:
-                res = harness.run_bench(M, N, WIDTHS, k=K, dtype=TIMING_DTYPE, backends=[name],
-                                        repeats=TIMING_REPEATS, check=False, baseline=False, peak=True,
-                                        seed=TIMING_SEED, device=DEVICE,
-                                        options={f"{name}.{key}": v for key, v in opts.items()}, budget=budget,
-                                        deadline=clock.deadline, gemm=gemm, errors="record")
+                res = bench_case(M, N, [name], {f"{name}.{key}": v for key, v in opts.items()}, budget, gemm,
+                                 clock)
             except Exception as exc:  # noqa: BLE001 - recorded
                 out.append({**meta, "backend": label, "error": f"{type(exc).__name__}: {exc}"})
                 continue
             ref = next((r for r in rows if r.get("case") == case and r.get("backend") == REFERENCE
                         and r.get("seconds")), None)
             for r in res["rows"]:
-                row = {**meta, **r, "backend": label}
-                if r["gflops"] is not None:
-                    row["tflops"] = r["gflops"] / 1e3
+                row = with_tflops({**meta, **r, "backend": label})
                 if ref and r["seconds"]:
                     row["speedup_vs_torch"] = ref["seconds"] / r["seconds"]
                 out.append(row)

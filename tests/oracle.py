@@ -35,6 +35,16 @@ def topk64(S, k):
     return np.take_along_axis(S, order, 1), order
 
 
+def ordered_pool(order, n, width=4):
+    """(queries (3, width), pool (n, width)) of ones, float32: pool rows all equal ("all_equal":
+    every score ties), or scaled by 0..n-1 ("ascending": worst to best) or n-1..0 ("descending")."""
+    q = np.ones((3, width), np.float32)
+    if order == "all_equal":
+        return q, np.ones((n, width), np.float32)
+    val = np.arange(n, dtype=np.float32)[:, None]
+    return q, np.ones((n, width), np.float32) * (val if order == "ascending" else val[::-1])
+
+
 def assert_valid_topk(scores, index, S, k, tol):
     """Tie-tolerant check of a top-k answer against the float64 matrix S: the
     library's own checker (tested against wrong answers in tests/engine/test_testing.py)."""

@@ -92,6 +92,17 @@ def _run_ranks_once(fn, world: int, args: tuple, timeout: float) -> list:
     return [results[r] for r in range(world)]
 
 
+def checked_cases(cases: list, results: list):
+    """(case, per-rank results) for every case expected to succeed, in order; a case with an
+    expected error (case["error"] = (kind, pattern)) is checked here with `assert_same_error`."""
+    for c, case in enumerate(cases):
+        per_rank = [r[c] for r in results]
+        if case["error"] is not None:
+            assert_same_error(case["name"], per_rank, *case["error"])
+            continue
+        yield case, per_rank
+
+
 def assert_same_error(name: str, per_rank: list, kind: type, pattern: str) -> None:
     """Every rank's result is ("error", type name, message, seconds): the expected type, a message
     matching `pattern`, the same text on every rank, and raised promptly (no rank waited for a

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from harness import assert_same_error, run_ranks
+from harness import checked_cases, run_ranks
 
 import pyfk
 from pyfk.distributed import search as dsearch
@@ -259,12 +259,8 @@ def test_sharded_equals_one_process(world, rng):
     seed = int(rng.integers(2**31))
     results = run_ranks(_rank_main, world, (seed,), timeout=150)
     cases = _cases(seed, world)
-    for c, case in enumerate(cases):
+    for case, per_rank in checked_cases(cases, results):
         name = case["name"]
-        per_rank = [r[c] for r in results]
-        if case["error"] is not None:
-            assert_same_error(name, per_rank, *case["error"])
-            continue
         ref = _reference(case)
         for rank, res in enumerate(per_rank):
             assert res[0] != "error", (name, rank, res)

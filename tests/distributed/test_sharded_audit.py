@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from harness import assert_same_error, run_ranks
+from harness import checked_cases, run_ranks
 
 import pyfk
 from pyfk.distributed.audit import audit as sharded_audit  # robust to the package re-exporting `audit`
@@ -246,12 +246,8 @@ def _assert_same(got: dict, ref: dict, name):
 def _check(world, seed, results):
     cases = _cases(seed, world)
     assert all(len(r) == len(cases) for r in results)
-    for c, case in enumerate(cases):
+    for case, per_rank in checked_cases(cases, results):
         name = case["name"]
-        per_rank = [r[c] for r in results]
-        if case["error"] is not None:
-            assert_same_error(name, per_rank, *case["error"])
-            continue
         ref = _reference(case)
         for rank, res in enumerate(per_rank):
             assert res[0] == "audit" and res[1] == "Audit", (name, rank, res)

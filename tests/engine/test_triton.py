@@ -30,7 +30,7 @@ from pyfk.engine.layout import Layout  # noqa: E402
 from pyfk.engine.topk_state import EMPTY_KEY, TopK, pack_keys  # noqa: E402
 from tests.conftest import make_arrays  # noqa: E402
 from tests.engine.test_key_spec import fast_interpreter_xor  # noqa: E402
-from tests.oracle import assert_valid_topk, similarity64, tolerance, topk64  # noqa: E402
+from tests.oracle import assert_valid_topk, ordered_pool, similarity64, tolerance, topk64  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if tt.available() is not None:
@@ -170,12 +170,7 @@ def test_adversarial_orders(order, tile_r):
     """Every score equal (ties to the smaller index, across splits), pool sorted from
     worst to best (every tile evicts) and best to worst."""
     N, k = 200, 20
-    q = np.ones((3, 4), np.float32)
-    if order == "all_equal":
-        pool = np.ones((N, 4), np.float32)
-    else:
-        val = np.arange(N, dtype=np.float32)[:, None]
-        pool = np.ones((N, 4), np.float32) * (val if order == "ascending" else val[::-1])
+    q, pool = ordered_pool(order, N)
     S = similarity64([q], None, [pool], None, "features", "none")
     best, expected = topk64(S, k)
     for splits in (1, 3):

@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 import pyfk  # noqa: E402
+from pyfk.engine import backend as backend_module  # noqa: E402
 from pyfk.engine import registry  # noqa: E402
 from pyfk.engine.backend import PreparedPool  # noqa: E402
 from pyfk.engine.descriptors import normalized_block  # noqa: E402
@@ -28,7 +29,7 @@ from pyfk.engine.kernels import triton as tt  # noqa: E402
 from pyfk.engine.layout import Layout  # noqa: E402
 from pyfk.engine.topk_state import TopK  # noqa: E402
 from tests.conftest import make_arrays  # noqa: E402
-from tests.oracle import assert_valid_topk, similarity64, tolerance, topk64  # noqa: E402
+from tests.oracle import assert_valid_topk, ordered_pool, similarity64, tolerance, topk64  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if tt.available() is not None:
@@ -104,12 +105,7 @@ def test_adversarial_orders(order):
     """Every score equal (the candidate buffer overflows and the rows are redone or handed to the
     reference), pool sorted from worst to best and best to worst."""
     N, k = 200, 20
-    q = np.ones((3, 4), np.float32)
-    if order == "all_equal":
-        pool = np.ones((N, 4), np.float32)
-    else:
-        val = np.arange(N, dtype=np.float32)[:, None]
-        pool = np.ones((N, 4), np.float32) * (val if order == "ascending" else val[::-1])
+    q, pool = ordered_pool(order, N)
     best, expected = topk64(similarity64([q], None, [pool], None, "features", "none"), k)
     s, i, _ = search([q], [q], [pool], [pool], k, "features", "none")
     np.testing.assert_array_equal(i, expected)
@@ -283,3 +279,22 @@ def test_query_chunks(rng, monkeypatch):
                                BACKEND.resolve_options(None), cfg=SMALL)
     np.testing.assert_array_equal(got.index.cpu().numpy(), order)
     np.testing.assert_array_equal(got.scores.cpu().numpy(), best)
+
+
+def test_buffer_dtype_follows_the_values(rng, monkeypatch):
+    """precision None: float16 while every normalised value is below FP16_SAFE; one value beyond it
+    (in the last block read) and the buffer is rebuilt as bfloat16 -- rows, norms and residuals of
+    that dtype."""
+    pool, _ = prepared(rng, 2, 300, [8], "product", "none")
+    assert tf.FilterPool.of(pool, None).dtype == torch.float16
+    big, _ = prepared(rng, 2, 300, [8], "product", "none")
+    big.parts[0][-1, 0] = 4 * tf.FP16_SAFE
+    monkeypatch.setattr(backend_module, "STREAM_BYTES", 4 * 16 * 64)  # 64-row blocks: found in the last one
+    assert big.stream_rows == 64
+    fp = tf.FilterPool.of(big, None)
+    assert fp.dtype == torch.bfloat16 and fp.buffer.dtype == torch.bfloat16
+    want = big.block().to(torch.bfloat16)
+    z, g = fp.layout.offsets  # z and g padded to 16 columns each
+    assert torch.equal(fp.buffer[:big.n, z:z + 8], want[:, :8]) and torch.equal(fp.buffer[:big.n, g:g + 8], want[:, 8:])
+    assert not fp.buffer[:big.n, z + 8:g].any()  # padding stays zero
+    assert float(fp.norm_max[0]) >= 4 * tf.FP16_SAFE

@@ -236,13 +236,19 @@ def choose_dtype(precision: str | None, max_abs: float) -> torch.dtype:
 
 class FilterPool:
     """A pool prepared for the v2 kernel (step 1): `buffer` (N_pad, D_pad), its PaddedLayout,
-    per-segment max row norm and max rounding residual over the pool (float64, (S,))."""
+    per-segment max row norm and max rounding residual over the pool (float64, (S,)).
 
-    def __init__(self, pool, dtype: torch.dtype):
+    One pass over the pool, each block normalised once. With precision None the buffer starts as
+    float16 and is rebuilt as bfloat16 if a block reaches FP16_SAFE (`choose_dtype`)."""
+
+    def __init__(self, pool, precision: str | None):
         self.layout = PaddedLayout.of(pool.layout.widths, pool.layout.product)
         self.steps = torch.as_tensor(self.layout.steps(), device=pool.device)
-        self.dtype = dtype
         self.n = pool.n
+        self._fill(pool, choose_dtype(precision, 0.0), adaptive=precision is None)
+
+    def _fill(self, pool, dtype: torch.dtype, adaptive: bool) -> None:
+        self.dtype = dtype
         self.buffer = torch.zeros((_round_up(max(pool.n, 1), MAX_BLOCK_N), self.layout.width), dtype=dtype,
                                   device=pool.device)
         S = len(self.layout.widths)
@@ -251,7 +257,10 @@ class FilterPool:
         step = pool.stream_rows
         for start in range(0, pool.n, step):
             stop = min(pool.n, start + step)
-            buf, norms, resid = pad_rows(pool.block(slice(start, stop)), self.layout, dtype, 1)
+            block = pool.block(slice(start, stop))
+            if adaptive and choose_dtype(None, float(block.abs().max())) != dtype:
+                return self._fill(pool, choose_dtype(None, FP16_SAFE), adaptive=False)  # rare: start over
+            buf, norms, resid = pad_rows(block, self.layout, dtype, 1)
             self.buffer[start:stop] = buf[:stop - start]
             self.norm_max = torch.maximum(self.norm_max, norms.amax(0))
             self.resid_max = torch.maximum(self.resid_max, resid.amax(0))
@@ -261,8 +270,7 @@ class FilterPool:
         """The cached FilterPool of a PreparedPool (built on first use)."""
         key = ("triton-filter", precision)
         if key not in pool.extra:
-            dtype = choose_dtype(precision, _max_abs(pool))
-            pool.extra[key] = FilterPool(pool, dtype)
+            pool.extra[key] = FilterPool(pool, precision)
         return pool.extra[key]
 
     def rows(self, sel) -> tuple[torch.Tensor, int, int]:
@@ -278,13 +286,16 @@ class FilterPool:
         return sub, 0, len(idx)
 
 
-def _max_abs(pool) -> float:
-    """The largest |value| of the normalised pool (read in stream-sized blocks)."""
-    best = 0.0
-    step = pool.stream_rows
-    for start in range(0, pool.n, step):
-        best = max(best, float(pool.block(slice(start, min(pool.n, start + step))).abs().max()))
-    return best
+def sample_size(n: int, k: int) -> int:
+    """Pool rows sampled for the threshold: ~n / SAMPLE_DIV, at least SAMPLE_PER_K * k, at most n."""
+    return min(n, max(SAMPLE_PER_K * k, -(-n // SAMPLE_DIV)))
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for a buffer dtype: a float32 buffer runs on TF32 tensor cores (the
+    margin covers their rounding): the IEEE float32 FMA path spills kilobytes at every tile size
+    of the sm_90 compile report."""
+    return "tf32" if dtype == torch.float32 else "ieee"
 
 
 # ----------------------------------------------------------------------------- the error bound
@@ -494,9 +505,7 @@ def filter_topk(kernel, q32, fpool: FilterPool, sel, k, state: TopK, index_offse
     LAST = stats
     lay = fpool.layout
     dtype = fpool.dtype
-    # a float32 buffer runs on TF32 tensor cores (the margin covers their rounding): the IEEE
-    # float32 FMA path spills kilobytes at every tile size of the sm_90 compile report
-    precision = "tf32" if dtype == torch.float32 else "ieee"
+    precision = input_precision(dtype)
     p_buf, lo, hi = fpool.rows(sel)
     n = hi - lo
     m = q32.shape[0]
@@ -507,7 +516,7 @@ def filter_topk(kernel, q32, fpool: FilterPool, sel, k, state: TopK, index_offse
     margin = score_margin(q_norm, q_resid, fpool.norm_max, fpool.resid_max, lay.widths, product, dtype,
                           tf32=precision == "tf32")
     # the sample (seeded: the same rows every call; the answer never depends on it)
-    s = min(n, max(SAMPLE_PER_K * k, -(-n // SAMPLE_DIV)))
+    s = sample_size(n, k)
     gen = torch.Generator().manual_seed(0)
     sample = torch.randperm(n, generator=gen)[:s].sort().values.to(p_buf.device) + lo
     s_buf = torch.zeros((_round_up(s, MAX_BLOCK_N), lay.width), dtype=dtype, device=p_buf.device)
