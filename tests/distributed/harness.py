@@ -92,6 +92,24 @@ def _run_ranks_once(fn, world: int, args: tuple, timeout: float) -> list:
     return [results[r] for r in range(world)]
 
 
+def descriptors_of(z, g, rows=slice(None), kind="numpy", dtype=None):
+    """pyfk.Descriptors of `rows` of per-scale NumPy arrays z (and g, or None): NumPy ("numpy",
+    astype `dtype`) or CPU torch tensors ("torch", .to(`dtype`))."""
+    import numpy as np
+    import torch
+
+    import pyfk
+
+    def conv(a):
+        a = a[rows]
+        if kind == "torch":
+            t = torch.from_numpy(np.ascontiguousarray(a))
+            return t if dtype is None else t.to(dtype)
+        return a if dtype is None else a.astype(dtype)
+
+    return pyfk.Descriptors([conv(a) for a in z], None if g is None else [conv(a) for a in g])
+
+
 def checked_cases(cases: list, results: list):
     """(case, per-rank results) for every case expected to succeed, in order; a case with an
     expected error (case["error"] = (kind, pattern)) is checked here with `assert_same_error`."""

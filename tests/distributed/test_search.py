@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from harness import checked_cases, run_ranks
+from harness import checked_cases, descriptors_of, run_ranks
 
 import pyfk
 from pyfk.distributed import search as dsearch
@@ -43,16 +43,7 @@ def _arrays(rng, n, widths, *, integer=False, distinct=None, g=True):
 
 
 def _descriptors(arrays, rows=slice(None), kind="numpy", dtype=None):
-    z, g = arrays
-
-    def conv(a):
-        a = a[rows]
-        if kind == "torch":
-            t = torch.from_numpy(np.ascontiguousarray(a))
-            return t if dtype is None else t.to(dtype)
-        return a if dtype is None else a.astype(dtype)
-
-    return pyfk.Descriptors([conv(a) for a in z], None if g is None else [conv(a) for a in g])
+    return descriptors_of(*arrays, rows, kind, dtype)
 
 
 def _case(name, op, queries, pool, sizes, kind="numpy", pool_dtype=None, error=None, per_rank=None, exact=True,

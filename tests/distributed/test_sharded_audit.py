@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from harness import checked_cases, run_ranks
+from harness import checked_cases, descriptors_of, run_ranks
 
 import pyfk
 from pyfk.distributed.audit import audit as sharded_audit  # robust to the package re-exporting `audit`
@@ -58,14 +58,7 @@ def _problem(rng, n, *, widths=WIDTHS, classes=C, integer=False, distinct=None, 
 
 
 def _descriptors(data, rows=slice(None), kind="numpy", dtype=None):
-    def conv(a):
-        a = a[rows]
-        if kind == "torch":
-            t = torch.from_numpy(np.ascontiguousarray(a))
-            return t if dtype is None else t.to(dtype)
-        return a if dtype is None else a.astype(dtype)
-
-    return pyfk.Descriptors([conv(a) for a in data["z"]], None if data["g"] is None else [conv(a) for a in data["g"]])
+    return descriptors_of(data["z"], data["g"], rows, kind, dtype)
 
 
 def _case(name, data, sizes, *, with_probs=True, kind="numpy", dtype=None, per_rank=None, error=None, **kwargs):
