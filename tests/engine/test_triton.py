@@ -217,9 +217,11 @@ def test_similarity_and_chunk_rows(rng):
 
 
 def test_backend_options():
-    """kernel / precision / splits / allow_tf32 are backend options (pyfk.topk(..., options=...)),
-    checked up front (kernel and precision: tests/engine/test_triton_filter.py)."""
-    defaults = {"kernel": "filter", "precision": None, "splits": None, "allow_tf32": False}
+    """kernel / precision / splits / allow_tf32 and v2's launch options are backend options
+    (pyfk.topk(..., options=...)), checked up front (kernel, precision and the launch options:
+    tests/engine/test_triton_filter.py)."""
+    defaults = {"kernel": "filter", "precision": None, "splits": None, "allow_tf32": False, "block_m": None,
+                "block_n": None, "group_m": None, "num_warps": None, "num_stages": None, "programs": None}
     assert BACKEND.options == defaults
     assert BACKEND.resolve_options(None) == defaults
     assert BACKEND.resolve_options({"splits": 4}) == {**defaults, "splits": 4}

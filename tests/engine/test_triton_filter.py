@@ -36,7 +36,8 @@ if tt.available() is not None:
     pytest.skip(f"triton backend unavailable: {tt.available()}", allow_module_level=True)
 DEVICE = "cpu" if INTERPRET else "cuda"
 BACKEND = registry.get("triton")
-SMALL = tf.Config(block_m=16, block_n=16, group_m=2, num_warps=4, num_stages=2)  # many tiles on small inputs
+SMALL_TILES = dict(block_m=16, block_n=16, group_m=2, num_warps=4, num_stages=2)  # many tiles on small inputs
+SMALL = tf.Config(**SMALL_TILES)
 
 
 def descriptors(z, g, combine, dtype=torch.float32):
@@ -189,7 +190,7 @@ def test_overflow_redo_and_fallback(rng, monkeypatch):
         pool, q32 = prepared_from(qz, qg, pz, pg)
         stats = tf.Stats()
         got = BACKEND._filter_topk(q32, pool, slice(None), k, TopK.empty(9, k, q32.device), 0,
-                                   BACKEND.resolve_options(None), cfg=SMALL, stats=stats)
+                                   BACKEND.resolve_options(SMALL_TILES), stats=stats)
         assert stats.cap == 16 and stats.sample == 10
         assert (stats.redone if redos else stats.fallback) > 0, stats
         assert_valid_topk(got.scores.cpu().numpy(), got.index.cpu().numpy(), S, k,
@@ -249,9 +250,42 @@ def test_precision_choice_and_options():
         BACKEND.resolve_options({"kernel": "v3"})
     with pytest.raises(ValueError, match="precision: expected None or one of"):
         BACKEND.resolve_options({"precision": "fp8"})
-    for bad in (dict(block_m=48), dict(block_n=256), dict(num_warps=0), dict(group_m=True)):
+    for bad in (dict(block_m=48), dict(block_n=256), dict(num_warps=0), dict(group_m=True), dict(programs=-1),
+                dict(num_stages=2.5)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             tf.Config(**bad).check()
+        with pytest.raises(ValueError, match=next(iter(bad))):  # the same check behind the backend options
+            BACKEND.resolve_options(bad)
+    with pytest.raises(ValueError, match="block_n.*kernel='filter'.*'merge'"):
+        BACKEND.resolve_options({"kernel": "merge", "block_n": 32})
+    assert tt.tile_config(BACKEND.resolve_options(None)) == tf.Config()
+    assert tt.tile_config(BACKEND.resolve_options({"block_n": 32, "num_stages": 4})) == \
+        tf.Config(block_n=32, num_stages=4)
+
+
+@pytest.mark.parametrize("tiles", [SMALL_TILES, dict(block_m=32, block_n=64, group_m=1, programs=3),
+                                   dict(block_m=64, block_n=32, num_warps=4, num_stages=1)],
+                         ids=["16x16", "32x64-3-programs", "64x32-1-stage"])
+def test_tile_options_give_the_same_answer(tiles, rng):
+    """The launch options (what the GPU suite sweeps) change the tiling, never the answer."""
+    qz, qg = make_arrays(rng, 21, [5, 9], integer=True)
+    pz, pg = make_arrays(rng, 333, [5, 9], integer=True)
+    best, order = topk64(similarity64(qz, qg, pz, pg, "product", "none"), 9)
+    s, i, _ = search(qz, qg, pz, pg, 9, "product", "none", options=tiles)
+    np.testing.assert_array_equal(i, order)
+    np.testing.assert_array_equal(s, best)
+
+
+def test_profile_times_every_stage(rng, monkeypatch):
+    qz, qg = make_arrays(rng, 5, [4, 6])
+    pz, pg = make_arrays(rng, 200, [4, 6])
+    search(qz, qg, pz, pg, 4, "product", options=SMALL_TILES)
+    assert tf.LAST.seconds == {}  # PROFILE off: nothing timed, nothing synchronised
+    monkeypatch.setattr(tf, "PROFILE", True)
+    search(qz, qg, pz, pg, 4, "product", options=SMALL_TILES)
+    seconds = tf.LAST.seconds
+    assert set(seconds) == {"prepare", "queries", "sample", "threshold", "filter", "select"}, seconds
+    assert all(t >= 0 for t in seconds.values()) and seconds["filter"] > 0
 
 
 def test_v1_still_selectable(rng):
@@ -276,7 +310,7 @@ def test_query_chunks(rng, monkeypatch):
     pool = BACKEND.prepare(p_parts, lay, "none")
     monkeypatch.setattr(tf, "WORK_BYTES", 1)  # one block of SMALL.block_m = 16 queries per chunk
     got = BACKEND._filter_topk(q, pool, slice(None), 6, TopK.empty(40, 6, q.device), 0,
-                               BACKEND.resolve_options(None), cfg=SMALL)
+                               BACKEND.resolve_options(SMALL_TILES))
     np.testing.assert_array_equal(got.index.cpu().numpy(), order)
     np.testing.assert_array_equal(got.scores.cpu().numpy(), best)
 

@@ -33,8 +33,10 @@ candidates are kept and re-scored, never which are right.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -427,6 +429,9 @@ class Config:
             v = getattr(self, name)
             if v < 16 or v & (v - 1) or v > MAX_BLOCK_N:
                 raise ValueError(f"{name}: expected a power of two in [16, {MAX_BLOCK_N}], got {v}")
+        p = self.programs
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, np.integer)) or p < 1):
+            raise ValueError(f"programs: expected None (one per SM) or a positive integer, got {p!r}")
         return self
 
 
@@ -477,7 +482,11 @@ def _descriptor(buf: torch.Tensor, block):
 class Stats:
     """What a search did (for benchmarks and tests): sample rows, candidate slots per row,
     candidates found (sum over rows), rows redone after an overflow, rows finished by the torch
-    reference, candidates re-scored in float32 (sum over rows)."""
+    reference, candidates re-scored in float32 (sum over rows). With PROFILE set, `seconds`
+    holds wall seconds per stage (the device synchronised around each): prepare (the pool's
+    padded buffer, built once per PreparedPool: 0 when cached), queries (padded query rows and
+    margins), sample (gathering the sample rows), threshold (the dense pass and its k-th
+    scores), filter (the filter launches, redos included), select (re-score and merge)."""
 
     sample: int = 0
     cap: int = 0
@@ -487,9 +496,29 @@ class Stats:
     rescored: int = 0
     queries: int = 0
     pool_rows: int = 0
+    seconds: dict = field(default_factory=dict)
 
 
 LAST = Stats()  # the latest filter_topk call's (benchmarks/gpu_suite.py records it with its timings)
+# True: every stage is timed into Stats.seconds, synchronising the device around it (slower: for
+# a breakdown, never for the timings that are reported as the kernel's)
+PROFILE = False
+
+
+@contextlib.contextmanager
+def stage(stats: Stats, name: str, device):
+    """Adds the wall seconds of the block to stats.seconds[name] when PROFILE is set."""
+    if not PROFILE:
+        yield
+        return
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda *a: None)
+    sync(device)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        sync(device)
+        stats.seconds[name] = stats.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 def filter_topk(kernel, q32, fpool: FilterPool, sel, k, state: TopK, index_offset, fetch, product, *,
@@ -512,34 +541,38 @@ def filter_topk(kernel, q32, fpool: FilterPool, sel, k, state: TopK, index_offse
     stats.queries, stats.pool_rows = m, n
     if m == 0 or n == 0:
         return state
-    q_buf, q_norm, q_resid = pad_rows(q32, lay, dtype, cfg.block_m)
-    margin = score_margin(q_norm, q_resid, fpool.norm_max, fpool.resid_max, lay.widths, product, dtype,
-                          tf32=precision == "tf32")
+    dev = q32.device
+    with stage(stats, "queries", dev):
+        q_buf, q_norm, q_resid = pad_rows(q32, lay, dtype, cfg.block_m)
+        margin = score_margin(q_norm, q_resid, fpool.norm_max, fpool.resid_max, lay.widths, product, dtype,
+                              tf32=precision == "tf32")
     # the sample (seeded: the same rows every call; the answer never depends on it)
     s = sample_size(n, k)
-    gen = torch.Generator().manual_seed(0)
-    sample = torch.randperm(n, generator=gen)[:s].sort().values.to(p_buf.device) + lo
-    s_buf = torch.zeros((_round_up(s, MAX_BLOCK_N), lay.width), dtype=dtype, device=p_buf.device)
-    s_buf[:s] = p_buf[sample]
+    with stage(stats, "sample", dev):
+        gen = torch.Generator().manual_seed(0)
+        sample = torch.randperm(n, generator=gen)[:s].sort().values.to(p_buf.device) + lo
+        s_buf = torch.zeros((_round_up(s, MAX_BLOCK_N), lay.width), dtype=dtype, device=p_buf.device)
+        s_buf[:s] = p_buf[sample]
     stats.sample = s
     state_kth = state.scores[:, -1].to(torch.float64)  # -inf while the state has empty slots
     # thresholds: dense scores against the sample, a query chunk at a time
-    tau = torch.empty(m, dtype=torch.float64, device=q32.device)
-    est = torch.empty(m, dtype=torch.float64, device=q32.device)
+    tau = torch.empty(m, dtype=torch.float64, device=dev)
+    est = torch.empty(m, dtype=torch.float64, device=dev)
     chunk = max(cfg.block_m, (WORK_BYTES // (4 * s)) // cfg.block_m * cfg.block_m)
-    for q0 in range(0, m, chunk):
-        q1 = min(m, q0 + chunk)
-        qb = q_buf[q0:q0 + _round_up(q1 - q0, cfg.block_m)]
-        dense = torch.empty((qb.shape[0], s), dtype=torch.float32, device=q32.device)
-        launch(kernel, qb, s_buf, 0, s, lay, fpool.steps, cfg, dense_out=dense, precision=precision)
-        dense = dense[:q1 - q0]
-        if s >= k:
-            kth = dense.topk(k, dim=1).values[:, -1].to(torch.float64)
-        else:
-            kth = torch.full((q1 - q0,), float("-inf"), dtype=torch.float64, device=q32.device)
-        tau[q0:q1] = torch.maximum(kth - 2 * margin[q0:q1], state_kth[q0:q1] - margin[q0:q1])
-        est[q0:q1] = (dense >= _down32(tau[q0:q1])[:, None]).sum(1).to(torch.float64) * (n / s)
-        del dense
+    with stage(stats, "threshold", dev):
+        for q0 in range(0, m, chunk):
+            q1 = min(m, q0 + chunk)
+            qb = q_buf[q0:q0 + _round_up(q1 - q0, cfg.block_m)]
+            dense = torch.empty((qb.shape[0], s), dtype=torch.float32, device=dev)
+            launch(kernel, qb, s_buf, 0, s, lay, fpool.steps, cfg, dense_out=dense, precision=precision)
+            dense = dense[:q1 - q0]
+            if s >= k:
+                kth = dense.topk(k, dim=1).values[:, -1].to(torch.float64)
+            else:
+                kth = torch.full((q1 - q0,), float("-inf"), dtype=torch.float64, device=dev)
+            tau[q0:q1] = torch.maximum(kth - 2 * margin[q0:q1], state_kth[q0:q1] - margin[q0:q1])
+            est[q0:q1] = (dense >= _down32(tau[q0:q1])[:, None]).sum(1).to(torch.float64) * (n / s)
+            del dense
     # candidate slots per row: the sample's estimate (x 1.5, + 2k) for 99% of rows, bounded; the
     # rows beyond it overflow and are redone with a raised threshold
     typical = float(est.sort().values[min(m - 1, int(0.99 * m))])
@@ -549,10 +582,12 @@ def filter_topk(kernel, q32, fpool: FilterPool, sel, k, state: TopK, index_offse
     for q0 in range(0, m, chunk):  # filter, then select, a chunk at a time (one candidate buffer live)
         q1 = min(m, q0 + chunk)
         qb = q_buf[q0:q0 + _round_up(q1 - q0, cfg.block_m)]
-        keys = _filter_rows(kernel, qb, p_buf, lo, hi, lay, fpool.steps, cfg, tau[q0:q1], cap, index_offset,
-                            precision, k, margin[q0:q1], stats)
-        state = _select(q32, [(q0, q1, keys)], state, k, margin, fetch, lay.widths, product, index_offset, stats,
-                        reference)
+        with stage(stats, "filter", dev):
+            keys = _filter_rows(kernel, qb, p_buf, lo, hi, lay, fpool.steps, cfg, tau[q0:q1], cap, index_offset,
+                                precision, k, margin[q0:q1], stats)
+        with stage(stats, "select", dev):
+            state = _select(q32, [(q0, q1, keys)], state, k, margin, fetch, lay.widths, product, index_offset,
+                            stats, reference)
     return state
 
 

@@ -344,6 +344,14 @@ def _parts_low_dtype(parts):
 
 
 KERNELS = ("filter", "merge")
+TILE_OPTIONS = ("block_m", "block_n", "group_m", "num_warps", "num_stages", "programs")
+
+
+def tile_config(options) -> _filter.Config:
+    """v2's launch configuration: `_filter.Config` defaults, overridden by the options in
+    TILE_OPTIONS that are not None (checked: ValueError naming the option)."""
+    return _filter.Config(**{name: options[name] for name in TILE_OPTIONS
+                             if options.get(name) is not None}).check()
 
 
 def filter_kernel():
@@ -360,7 +368,11 @@ class TritonBackend(Backend):
     None = float16, or bfloat16 when values exceed float16's safe range; "fp16", "bf16", "fp32"),
     splits (v1: pool splits per query block; None = enough programs to fill the GPU),
     allow_tf32 (v1: float32 dots on TF32 tensor cores instead of exact IEEE fp32; v2 always runs a
-    float32 buffer on TF32 tensor cores, its margin covering their rounding, and re-scores in float32).
+    float32 buffer on TF32 tensor cores, its margin covering their rounding, and re-scores in float32),
+    and v2's launch tuning (None = the tuned default of `_triton_filter.Config`): block_m, block_n
+    (query and pool rows per tile, powers of two in [16, 128]), group_m (query blocks sharing a pool
+    tile in L2), num_warps, num_stages (K-loop pipeline depth), programs (persistent programs;
+    None = one per SM).
 
     v2 prepares the pool once per PreparedPool (a padded low-precision buffer, cached in
     `pool.extra`) and returns exact float32 top-k (see _triton_filter). v1 normalises each pool
@@ -371,7 +383,8 @@ class TritonBackend(Backend):
     name = "triton"
     devices = ("cuda",)
     description = "fused Triton Hadamard-Gram top-k (v2: sampled threshold, filtered candidates, fp32 re-score)"
-    options = {"kernel": "filter", "precision": None, "splits": None, "allow_tf32": False}
+    options = {"kernel": "filter", "precision": None, "splits": None, "allow_tf32": False,
+               **{name: None for name in TILE_OPTIONS}}
     auto_priority = {"cuda": 0}
 
     def unavailable_reason(self):
@@ -398,6 +411,11 @@ class TritonBackend(Backend):
         check_splits(opts["splits"])
         if not isinstance(opts["allow_tf32"], (bool, np.bool_)):
             raise ValueError(f"allow_tf32: expected True or False, got {opts['allow_tf32']!r}")
+        tuned = {name: opts[name] for name in TILE_OPTIONS if opts[name] is not None}
+        if tuned and opts["kernel"] != "filter":
+            raise ValueError(f"{', '.join(tuned)}: options of the v2 kernel (kernel='filter'), "
+                             f"got kernel={opts['kernel']!r}")
+        tile_config(opts)  # ValueError naming a bad value
         return opts
 
     def chunk_rows(self, m, width, options):
@@ -417,8 +435,10 @@ class TritonBackend(Backend):
                            q_exact=q32, p_exact=p32)
         return TopK(s, i)
 
-    def _filter_topk(self, queries, pool, rows, k, state, offset, options, cfg=None, stats=None):
-        fpool = _filter.FilterPool.of(pool, options["precision"])
+    def _filter_topk(self, queries, pool, rows, k, state, offset, options, stats=None):
+        stats = stats if stats is not None else _filter.Stats()
+        with _filter.stage(stats, "prepare", pool.device):
+            fpool = _filter.FilterPool.of(pool, options["precision"])
         if isinstance(rows, slice):
             start = rows.indices(pool.n)[0]
 
@@ -444,7 +464,7 @@ class TritonBackend(Backend):
             return TopK(s, i)
 
         return _filter.filter_topk(filter_kernel(), queries.float(), fpool, rows, k, state, offset, fetch,
-                                   pool.layout.product, cfg=cfg, stats=stats,
+                                   pool.layout.product, cfg=tile_config(options), stats=stats,
                                    reference=reference)
 
 
