@@ -32,6 +32,7 @@ from pyfk.engine.descriptors import (
     normalized_block,
 )
 from pyfk.engine.layout import Layout
+from pyfk.engine.measured import Problem
 from pyfk.engine.registry import resolve
 from pyfk.engine.topk_state import TopK
 from pyfk.errors import check_choice, check_index_set, check_int, check_labels
@@ -134,6 +135,16 @@ def check_pool_finite(pool: Descriptors, backend: Backend, combine: str, exclude
         raise ValueError(non_finite_message(name, part, j, row))
 
 
+def resolve_for(backend, device, m: int, n: int, layout: Layout, k: int | None, part) -> Backend:
+    """resolve(backend, device) told the search's shape, so that "auto" on CUDA can choose by
+    measurement (pyfk.engine.measured): m queries against n pool rows searched on `layout`,
+    k neighbours (None: dense similarity), the pool's dtype read from its raw array `part`."""
+    problem = None
+    if isinstance(backend, str) and backend == "auto" and m > 0 and n > 0:
+        problem = Problem.for_layout(m, n, layout, k, part.dtype)
+    return resolve(backend, device, problem)
+
+
 def _out(t: torch.Tensor, like: Descriptors):
     return t.cpu().numpy() if like.kind == "numpy" else t.to(like.device)
 
@@ -152,7 +163,13 @@ def search(queries: Descriptors, pool: Descriptors | PreparedPool, k: int, combi
     """Top-k of every query over the pool rows `rows` (sorted int64, None = all), as a TopK
     of global pool indices. `pool` may be a PreparedPool from an earlier call (same combine
     and normalisation), which is then reused. Inputs are not validated here (see `topk`)."""
-    b = backend if isinstance(backend, Backend) else resolve(backend, pool.device)
+    total = pool.n if rows is None else len(rows)
+    if isinstance(backend, Backend):
+        b = backend
+    elif isinstance(pool, PreparedPool):
+        b = resolve_for(backend, pool.device, queries.n, total, pool.layout, k, pool.parts[0])
+    else:
+        b = resolve_for(backend, pool.device, queries.n, total, Layout.of(pool, combine)[1], k, pool.z[0])
     opts = b.resolve_options(options)
     if not isinstance(pool, PreparedPool):
         p_parts, layout = Layout.of(pool, combine)
@@ -160,7 +177,6 @@ def search(queries: Descriptors, pool: Descriptors | PreparedPool, k: int, combi
     q_parts, _ = Layout.of(queries, combine)
     q = normalized_block(q_parts, slice(None), normalize, device=pool.device)
     m, width = q.shape
-    total = pool.n if rows is None else len(rows)
     state = TopK.empty(m, k, q.device)
     step = b.chunk_rows(m, width, opts)
     bar = tqdm(total=total, unit="rows", unit_scale=True, desc=f"pyfk.topk [{b.name}]",
@@ -203,8 +219,9 @@ def topk(queries: Descriptors, pool: Descriptors, k: int = 32, combine: str = "p
     check_choice(combine, "combine", COMBINES)
     check_choice(normalize, "normalize", NORMALIZES)
     check_pair(queries, pool, combine)
-    b = resolve(backend, pool.device)
-    opts = b.resolve_options(options)
+    # a named backend is checked before k, as always; "auto" once k and the rows searched are known
+    b = None if isinstance(backend, str) and backend == "auto" else resolve(backend, pool.device)
+    opts = None if b is None else b.resolve_options(options)
     rows = None
     available = pool.n
     if exclude is not None:
@@ -214,6 +231,9 @@ def topk(queries: Descriptors, pool: Descriptors, k: int = 32, combine: str = "p
         if available == 0:
             raise ValueError("exclude: every pool row is excluded; nothing left to search")
     k = check_int(k, "k", 1, available, f" (the {'available ' if rows is not None else ''}pool size)")
+    if b is None:
+        b = resolve_for(backend, pool.device, queries.n, available, Layout.of(pool, combine)[1], k, pool.z[0])
+        opts = b.resolve_options(options)
     check_state_memory(queries.n, k)
     queries.check_finite("queries")
     check_pool_finite(pool, b, combine, excluded if exclude is not None else None)
@@ -232,13 +252,13 @@ def similarity(queries: Descriptors, pool: Descriptors, combine: str = "product"
     check_pair(queries, pool, combine)
     if queries.n * pool.n > (1 << 28):
         raise ValueError(f"queries/pool: a dense {queries.n} x {pool.n} matrix is too large; use pyfk.topk")
-    b = resolve(backend, pool.device)
+    q_parts, layout = Layout.of(queries, combine)
+    p_parts, _ = Layout.of(pool, combine)
+    b = resolve_for(backend, pool.device, queries.n, pool.n, layout, None, pool.z[0])
     opts = b.resolve_options(options)
     queries.check_finite("queries")
     check_pool_finite(pool, b, combine, None)
     check_representable(queries, pool, combine, normalize)
-    q_parts, layout = Layout.of(queries, combine)
-    p_parts, _ = Layout.of(pool, combine)
     q = normalized_block(q_parts, slice(None), normalize)
     return _out(b.pool_similarity(q, b.prepare(p_parts, layout, normalize), opts), queries)
 
@@ -253,9 +273,11 @@ class KernelDistances:
 
     def __init__(self, desc: Descriptors, combine: str, normalize: str, backend: str | Backend = "auto",
                  options: dict | None = None):
-        self.backend = backend if isinstance(backend, Backend) else resolve(backend, desc.device)
-        self.options = self.backend.resolve_options(options)
         parts, layout = Layout.of(desc, combine)
+        # "auto": one centre against the pool per call, as greedy k-centre adds them; no top-k
+        self.backend = backend if isinstance(backend, Backend) else resolve_for(
+            backend, desc.device, 1, desc.n, layout, None, desc.z[0])
+        self.options = self.backend.resolve_options(options)
         self.pool = self.backend.prepare(parts, layout, normalize)
         self.pool.keep(_backend.CACHE_BYTES)
         self.layout = layout
@@ -440,7 +462,9 @@ def select(pool: Descriptors, val: Descriptors, budget: int, val_labels=None, va
     if no_error:
         warnings.warn("select: the model makes no error on the validation set; "
                       "querying with every validation example instead", stacklevel=2)
-    b = resolve(backend, pool.device)
+    p_parts, layout = Layout.of(pool, combine)
+    # "auto": the centres' top-k over the available rows (the k-centre step uses the same backend)
+    b = resolve_for(backend, pool.device, min(budget, len(queries)), available, layout, k, pool.z[0])
     opts = b.resolve_options(options)
     val.check_finite("val")
     check_pool_finite(pool, b, combine, excluded)
@@ -456,7 +480,6 @@ def select(pool: Descriptors, val: Descriptors, budget: int, val_labels=None, va
         centres = queries
     centre_desc = val.take(centres)
     search_rows = None if available == pool.n else rows
-    p_parts, layout = Layout.of(pool, combine)
     prepared = b.prepare(p_parts, layout, normalize)  # once, reused if k has to grow
     return rank_major_picks(lambda kk: search(centre_desc, prepared, kk, combine, normalize, b, search_rows,
                                               progress, opts), centres, k, budget, available, return_details)
