@@ -388,9 +388,12 @@ def capture_filter_launch(cfg: ReportConfig):
     precision = tf.input_precision(dtype)  # what filter_topk passes
     problem = {"M": cfg.m, "D": layout.width, "D_pad": lay.width, "layout_widths": list(layout.widths),
                "mode": cfg.mode}
+    width = 2 * (len(layout.widths) // 2) + 1 if layout.product else 1  # error_table's columns
+    err = torch.empty((q.shape[0], width), dtype=torch.float32, device=meta)
     if cfg.mode == "dense":
         n = tf.sample_size(SUITE_N, cfg.k)
-        extra = {"dense_out": torch.empty((q.shape[0], n), dtype=torch.float32, device=meta)}
+        out = torch.empty((q.shape[0], n), dtype=torch.float32, device=meta)
+        extra = {"dense_out": (out, torch.empty_like(out))}
     else:
         n = SUITE_N
         extra = {"tau": torch.empty(q.shape[0], dtype=torch.float32, device=meta),
@@ -400,7 +403,7 @@ def capture_filter_launch(cfg: ReportConfig):
     p = torch.empty((tf._round_up(n, tf.MAX_BLOCK_N), lay.width), dtype=dtype, device=meta)
     problem["N"] = n
     try:
-        tf.launch(_Recorder(), q, p, 0, n, lay, steps, tune, precision=precision, **extra)
+        tf.launch(_Recorder(), q, p, 0, n, lay, steps, err, 1e-7, tune, precision=precision, **extra)
     except _Captured as c:
         problem["grid"] = list(c.grid) if isinstance(c.grid, (tuple, list)) else str(c.grid)
         return c.grid, c.args, c.kwargs, problem

@@ -3,8 +3,8 @@ on CPU under the Triton interpreter, on CUDA compiled.
 
 Every search goes through the backend with its default options (kernel="filter") and is held
 to the float64 oracle (tie-tolerant) or, on small-integer data where every score is exact, to
-the exact tie-stable answer. The error bound `score_margin` is checked against the kernel's
-own scores; the overflow and give-up paths are forced by shrinking the candidate buffer.
+the exact tie-stable answer. The kernel's per-element bounds (`error_table`) are checked against
+the float32 re-scores; the overflow and give-up paths are forced by shrinking the candidate buffer.
 """
 
 import os
@@ -152,24 +152,51 @@ def test_index_offset_and_incoming_state(combine, rng):
 @pytest.mark.parametrize("combine,widths", [("product", [7, 33, 64]), ("product", [16]), ("sum", [7, 33]),
                                             ("features", [5, 100])])
 @pytest.mark.parametrize("normalize,scale", [("pcc", 1.0), ("l2", 1.0), ("none", 1e-3), ("none", 30.0)])
-def test_margin_bounds_the_kernel_error(combine, widths, precision, normalize, scale, rng):
-    """|s_hat - s_f| <= m for every (query, pool row): s_hat the kernel's dense scores from the
-    rounded buffers, s_f the float32 re-score. Small values (float16 subnormals) and large ones."""
+def test_bounds_hold_for_every_element(combine, widths, precision, normalize, scale, rng):
+    """lower <= s_f <= upper for every (query, pool row): the kernel's DENSE bounds s_hat -/+ e
+    from the rounded buffers, s_f the float32 re-score. Small values (float16 subnormals) and
+    large ones; and the bound is not absurdly loose."""
     pool, q32 = prepared(rng, 20, 300, widths, combine, normalize, scale)
     fpool = tf.FilterPool.of(pool, precision)
     lay = fpool.layout
     qb, qn, qr = tf.pad_rows(q32, lay, fpool.dtype, SMALL.block_m)
-    margin = tf.score_margin(qn, qr, fpool.norm_max, fpool.resid_max, lay.widths, lay.product, fpool.dtype)
-    dense = torch.empty((qb.shape[0], pool.n), dtype=torch.float32, device=q32.device)
-    tf.launch(tt.filter_kernel(), qb, fpool.buffer, 0, pool.n, lay, fpool.steps, SMALL, dense_out=dense)
+    table, cross = tf.error_table(qn, qr, fpool.norm_max, fpool.resid_max, lay.widths, lay.product, fpool.dtype,
+                                  tf32=precision == "fp32")
+    err = tf.device_error_table(table, qb.shape[0])
+    lower = torch.empty((qb.shape[0], pool.n), dtype=torch.float32, device=q32.device)
+    upper = torch.empty_like(lower)
+    tf.launch(tt.filter_kernel(), qb, fpool.buffer, 0, pool.n, lay, fpool.steps, err, cross, SMALL,
+              dense_out=(lower, upper), precision=tf.input_precision(fpool.dtype))
     p32 = pool.block()
     cand = torch.arange(pool.n, device=q32.device).expand(q32.shape[0], -1)
     exact = tf.exact_scores(q32, lambda rows: p32[rows], lay.widths, lay.product, cand)
-    err = (dense[:q32.shape[0]].double() - exact.double()).abs().amax(1)
-    assert (err <= margin).all(), (err / margin).max()
-    assert (margin > 0).all()
+    lower, upper = lower[:q32.shape[0]], upper[:q32.shape[0]]
+    assert (lower <= exact).all() and (exact <= upper).all()
+    half = (upper.double() - lower.double()) / 2
+    assert (half > 0).all()
     if precision == "fp16" and normalize == "pcc":
-        assert (err / margin).max() > 1e-3  # the bound is not absurdly loose
+        mid = (upper.double() + lower.double()) / 2
+        assert ((mid - exact.double()).abs() / half).max() > 1e-3  # the bound is not absurdly loose
+
+
+def test_per_element_bound_is_tighter_than_norms_alone(rng):
+    """On random pcc rows the kernel's |z_j.z_j'| are ~sqrt(width) below the Cauchy-Schwarz
+    bound |z_j||z_j'|: the per-element half-width must be far below the norms-only bound."""
+    pool, q32 = prepared(rng, 8, 500, [64, 128], "product", "pcc")
+    fpool = tf.FilterPool.of(pool, "fp16")
+    lay = fpool.layout
+    qb, qn, qr = tf.pad_rows(q32, lay, fpool.dtype, SMALL.block_m)
+    table, cross = tf.error_table(qn, qr, fpool.norm_max, fpool.resid_max, lay.widths, True, fpool.dtype)
+    lower = torch.empty((qb.shape[0], pool.n), dtype=torch.float32, device=q32.device)
+    upper = torch.empty_like(lower)
+    tf.launch(tt.filter_kernel(), qb, fpool.buffer, 0, pool.n, lay, fpool.steps,
+              tf.device_error_table(table, qb.shape[0]), cross, SMALL, dense_out=(lower, upper))
+    half = ((upper - lower) / 2)[:8].double()
+    # norms only: |zz| <= ||q_z|| max||p_z||, |gg| likewise
+    zz_max = [qn[:, j] * fpool.norm_max[j] for j in range(4)]
+    norms_only = sum(table[:, 2 * j] * zz_max[2 * j] + table[:, 2 * j + 1] * zz_max[2 * j + 1]
+                     + cross * zz_max[2 * j] * zz_max[2 * j + 1] for j in range(2)) + table[:, -1]
+    assert (half.median(1).values < norms_only / 4).all(), (half.median(1).values, norms_only)
 
 
 def test_overflow_redo_and_fallback(rng, monkeypatch):
@@ -231,7 +258,7 @@ def test_padded_layout():
     assert lay.padded == (48, 48, 64, 64) and lay.step == 16 and lay.width == 224
     assert lay.offsets == (0, 48, 96, 160)
     steps = lay.steps()
-    assert steps.shape == (3 + 4, 3) and steps[:, 2].tolist() == [0, 0, 1, 0, 0, 0, 1]
+    assert steps.shape == (3 + 4, 3) and steps[:, 2].tolist() == [0, 0, 1, 0, 0, 0, 2]  # pair j ends: j + 1
     assert steps[0].tolist() == [0, 48, 0] and steps[3].tolist() == [96, 160, 0]
     suite = tf.PaddedLayout.of(tuple(w for w in (64, 128, 256, 512) for _ in (0, 1)), True)
     assert suite.step == 64 and suite.width == 1920 and len(suite.steps()) == 15

@@ -1,7 +1,7 @@
 """The `triton` backend's v2 kernel: threshold, then filter (issue #12). Part of the triton backend
 (pyfk/engine/kernels/triton.py), which imports it; it registers nothing itself.
 
-Exact top-k of R(q, p) (see triton.py for R) in four steps, none of which sorts in the hot loop:
+Exact top-k of R(q, p) (see triton.py for R) in five steps, none of which sorts in the hot loop:
 
 1. Prepare once (`FilterPool`, cached on the PreparedPool): the normalised pool rounded to a
    low-precision dtype (float16 default, bfloat16, or float32) in a zero-padded buffer whose
@@ -9,25 +9,25 @@ Exact top-k of R(q, p) (see triton.py for R) in four steps, none of which sorts 
    Segment offsets, widths and K steps are compile-time constants, so every load is unmasked and
    16-byte aligned (vectorised, pipelined by `num_stages`). Also kept: per segment, the largest
    row norm ||p_j|| and the largest rounding residual ||round(p_j) - p_j|| over the pool.
-2. Threshold: the kernel in DENSE mode scores the queries against a seeded random sample of the
-   pool. Per query, tau = (k-th best sampled score) - 2 m, where m bounds |s_hat - s_f| for every
-   pool row: s_hat the kernel's score, s_f the float32 re-score (`score_margin`, from the norms
-   and residuals above and worst-case float32 accumulation). Then tau <= s_hat(e) for every e in
-   the exact top-k by s_f (k sampled rows have s_f >= their s_hat - m, so the k-th best s_f >= the
-   k-th sampled s_hat - m; and s_hat(e) >= s_f(e) - m). An incoming state raises tau to its k-th
-   score - m.
-3. Filter: one launch over the pool (FILTER mode): a persistent grid walks (query block, pool
+2. Bounds: per (query, pool row) the kernel computes its score s_hat and a proven error bound e
+   with s_hat - e <= s_f <= s_hat + e, s_f the float32 re-score (`error_table`: per-query
+   coefficients from the rows' norms and measured rounding residuals, times the kernel's own
+   |z_j.z_j'| and |g_j.g_j'| -- far tighter than a bound from norms alone).
+3. Threshold: the kernel in DENSE mode scores the queries against a seeded random sample of the
+   pool; tau = the k-th best lower bound s_hat - e over the sample, so tau <= the k-th best s_f
+   of the pool. An incoming state raises tau to its k-th score.
+4. Filter: one launch over the pool (FILTER mode): a persistent grid walks (query block, pool
    tile) tiles in grouped order (GROUP_M query blocks share each pool tile while it is in L2);
-   per tile, fp32 accumulators per scale, the product epilogue, then `score >= tau[row]`. Hits
-   are compacted (per-row count by one atomic add per row and tile, positions by a prefix sum)
-   into a per-row candidate buffer of packed int64 keys (pyfk.engine.topk_state.pack_keys of
-   (s_hat, global index)). A row whose buffer overflows is redone with tau raised to its stored
-   candidates' k-th score - 2 m (still a lower bound); after MAX_REDOS the torch reference.
-4. Select: per row, t = the k-th best s_hat among its candidates; every candidate with
-   s_hat >= t - 2 m (which includes the exact top-k) is re-scored in float32 from the float32
-   rows, and merged into the state with `TopK.merge` (exact, ties to the smaller index).
+   per tile, fp32 accumulators per scale, the product epilogue with the bound, then
+   `s_hat + e >= tau[row]`: every row of the exact top-k passes. Hits are appended with relaxed
+   atomics to per-row candidate buffers (lower bound, upper bound, row). A row whose buffer
+   overflows is redone with tau raised to its stored candidates' k-th best lower bound (still
+   <= the k-th best); after MAX_REDOS the torch reference.
+5. Select: per row, every candidate whose upper bound reaches the k-th best lower bound among
+   its candidates (this includes the exact top-k) is re-scored in float32 from the float32 rows
+   and merged into the state with `TopK.merge` (exact, ties to the smaller index).
 
-The answer equals the float32 top-k of the re-scored values; the margin only decides how many
+The answer equals the float32 top-k of the re-scored values; the bounds only decide how many
 candidates are kept and re-scored, never which are right.
 """
 
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pyfk.engine.topk_state import EMPTY_KEY, TopK, pack_keys, unpack_keys
+from pyfk.engine.topk_state import TopK
 
 # set by `jitted(triton, tl)` before the kernel is compiled (triton is imported lazily by triton.py)
 triton = None
@@ -69,21 +69,27 @@ _U32 = 2.0 ** -24  # one float32 rounding (products and sums outside the MMA)
 _TF32_INPUT = 2.0 ** -10  # tf32 input rounding, truncation allowed
 
 
-def _filter_kernel(Q, P, KCOL, TAU, CNT, CAND_S, CAND_I, OUT,
+def _filter_kernel(Q, P, KCOL, ERR, TAU, CNT, CAND_HI, CAND_I, OUT_LO, OUT_HI,
                    row_lo, row_hi, m_blocks, n_blocks, first_block, cap, n_steps,
-                   stride_cm, stride_om,
+                   stride_e, stride_cm, stride_om, cross,
                    STEP: tl.constexpr, PRODUCT: tl.constexpr, DENSE: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
                    NUM_STAGES: tl.constexpr):
     """Q, P: tensor descriptors (TMA on Hopper) of the padded query and pool buffers (step 1),
     blocks [BLOCK_M, STEP] and [BLOCK_N, STEP]. KCOL: int32 (n_steps, 3) per K step: the z
-    column, the g column (product; dot mode reads the first only) and 1 on the last step of a
-    (z_j, g_j) pair. Pool rows [row_lo, row_hi) of P are scored. Tiles: m_blocks query blocks x
+    column, the g column (product; dot mode reads the first only) and, on the last step of pair
+    j, j + 1 (else 0). ERR: float32 (q rows, stride_e) per query row: product mode
+    [cz_0, cg_0, cz_1, cg_1, ..., K], dot mode [K] (`error_table`); cross: the a*b coefficient.
+    Per (query, pool row) the kernel's score s_hat and its error bound
+        e = K + sum_j (|zz_j| cz_j + |gg_j| cg_j + cross |zz_j| |gg_j|) + 2^-22 |s_hat|
+    (dot mode: e = K + 2^-22 |s_hat|), so that s_hat - e <= s_f <= s_hat + e for the float32
+    re-score s_f. Pool rows [row_lo, row_hi) of P are scored. Tiles: m_blocks query blocks x
     n_blocks pool blocks from pool block first_block (= row_lo // BLOCK_N).
-    DENSE: OUT[q, r - row_lo] = s_hat (float32).
-    FILTER: every hit s_hat >= TAU[q] appended at CNT[q] to CAND_S[q, :cap] (s_hat, float32) and
-    CAND_I[q, :cap] (r - row_lo, int32); CNT counts every hit, stored or not. Offsets inside a
-    tile are int32 from a 64-bit tile base (fewer registers in the epilogue)."""
+    DENSE: OUT_LO[q, r - row_lo] = s_hat - e, OUT_HI[...] = s_hat + e (float32).
+    FILTER: every hit s_hat + e >= TAU[q] appended at CNT[q] to CAND_HI[q, :cap] (s_hat + e,
+    float32) and CAND_I[q, :cap] (r - row_lo, int32); CNT counts every hit, stored or not (no
+    lower bound is stored: one more store spills registers; the host gets lower bounds by
+    re-scoring). Offsets inside a tile are int32 from a 64-bit tile base (fewer registers)."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     n_tiles = m_blocks * n_blocks
@@ -98,10 +104,12 @@ def _filter_kernel(Q, P, KCOL, TAU, CNT, CAND_S, CAND_I, OUT,
         pid_n = first_block + (tile % per_group) // size_m
         q_row = pid_m * BLOCK_M
         p_row = pid_n * BLOCK_N
+        err_rows = ERR + q_row.to(tl.int64) * stride_e + tl.arange(0, BLOCK_M) * stride_e
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        err = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + tl.load(err_rows + (stride_e - 1))[:, None]
         if PRODUCT:
             # one K loop over all pairs (z_j and g_j padded to one width): two dots per step, and
-            # at a pair's last step acc += zz * gg and both restart from zero
+            # at a pair's last step acc += zz * gg, the pair's error terms, and both restart
             zz = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             gg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for i in tl.range(0, n_steps, num_stages=NUM_STAGES):
@@ -109,7 +117,13 @@ def _filter_kernel(Q, P, KCOL, TAU, CNT, CAND_S, CAND_I, OUT,
                 cg = tl.load(KCOL + 3 * i + 1)
                 zz = tl.dot(Q.load([q_row, cz]), P.load([p_row, cz]).T, zz, input_precision=PRECISION)
                 gg = tl.dot(Q.load([q_row, cg]), P.load([p_row, cg]).T, gg, input_precision=PRECISION)
-                if tl.load(KCOL + 3 * i + 2) != 0:
+                pair_end = tl.load(KCOL + 3 * i + 2)
+                if pair_end != 0:
+                    a = tl.abs(zz)
+                    b = tl.abs(gg)
+                    coef_z = tl.load(err_rows + 2 * (pair_end - 1))
+                    coef_g = tl.load(err_rows + 2 * (pair_end - 1) + 1)
+                    err += a * coef_z[:, None] + b * (coef_g[:, None] + cross * a)
                     acc += zz * gg
                     zz = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                     gg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -117,16 +131,21 @@ def _filter_kernel(Q, P, KCOL, TAU, CNT, CAND_S, CAND_I, OUT,
             for i in tl.range(0, n_steps, num_stages=NUM_STAGES):
                 c = i * STEP
                 acc = tl.dot(Q.load([q_row, c]), P.load([p_row, c]).T, acc, input_precision=PRECISION)
+        # the float32 roundings of s_hat -/+ e themselves (<= 2^-24 |s_hat| each, and the relative
+        # ones of e are inside the host's 2^-10 slack)
+        err += 2.384185791015625e-07 * tl.abs(acc)  # 2^-22
         rows = q_row + tl.arange(0, BLOCK_M)
         cols = p_row + tl.arange(0, BLOCK_N)
         col_ok = (cols >= row_lo) & (cols < row_hi)
+        hi = acc + err
         if DENSE:
-            out = OUT + q_row.to(tl.int64) * stride_om
-            offs = tl.arange(0, BLOCK_M)[:, None] * stride_om + (cols - row_lo)[None, :]
-            tl.store(out + offs, acc, mask=col_ok[None, :])
+            offs = q_row.to(tl.int64) * stride_om + (tl.arange(0, BLOCK_M)[:, None] * stride_om
+                                                     + (cols - row_lo)[None, :])
+            tl.store(OUT_HI + offs, hi, mask=col_ok[None, :])
+            tl.store(OUT_LO + offs, acc - err, mask=col_ok[None, :])
         else:
             tau = tl.load(TAU + rows)
-            hit = (acc >= tau[:, None]) & col_ok[None, :]
+            hit = (hi >= tau[:, None]) & col_ok[None, :]
             if tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0) > 0:
                 # a slot per hit: one relaxed atomic add on its row's counter (hits are rare). Done
                 # on the flattened tile: a prefix sum per row costs ~60 more registers and
@@ -137,7 +156,7 @@ def _filter_kernel(Q, P, KCOL, TAU, CNT, CAND_S, CAND_I, OUT,
                                     sem="relaxed")
                 keep = flat_hit & (pos < cap)
                 offs = q_row.to(tl.int64) * stride_cm + (row_in_tile * stride_cm + pos)
-                tl.store(CAND_S + offs, tl.reshape(acc, (BLOCK_M * BLOCK_N,)), mask=keep)
+                tl.store(CAND_HI + offs, tl.reshape(hi, (BLOCK_M * BLOCK_N,)), mask=keep)
                 local = p_row - row_lo + tl.arange(0, BLOCK_M * BLOCK_N) % BLOCK_N
                 tl.store(CAND_I + offs, local, mask=keep)
 
@@ -196,8 +215,8 @@ class PaddedLayout:
         return cls(widths, padded, offsets, step, width, bool(product))
 
     def steps(self) -> np.ndarray:
-        """int32 (n_steps, 3): per K step the z column, the g column, 1 on a pair's last step
-        (product); dot mode: the column twice, 0."""
+        """int32 (n_steps, 3): per K step the z column, the g column, and j + 1 on the last step
+        of pair j, else 0 (product); dot mode: the column twice, 0."""
         if not self.product:
             cols = np.arange(0, self.width, self.step)
             return np.stack([cols, cols, np.zeros_like(cols)], 1).astype(np.int32)
@@ -205,7 +224,8 @@ class PaddedLayout:
         for j in range(0, len(self.padded), 2):
             n = self.padded[j] // self.step
             for t in range(n):
-                rows.append((self.offsets[j] + t * self.step, self.offsets[j + 1] + t * self.step, int(t == n - 1)))
+                rows.append((self.offsets[j] + t * self.step, self.offsets[j + 1] + t * self.step,
+                             j // 2 + 1 if t == n - 1 else 0))
         return np.asarray(rows, dtype=np.int32).reshape(-1, 3)
 
 
@@ -308,18 +328,29 @@ def _gamma(n: int, u: float) -> float:
     return nu / (1.0 - nu)
 
 
-def score_margin(q_norm, q_resid, p_norm, p_resid, widths, product: bool, dtype, tf32: bool = False):
-    """(M,) float64 m with |s_hat - s_f| <= m for every pool row: s_hat the kernel's score from
-    rounded rows (`dtype`), s_f the float32 re-score (`exact_scores`) of the float32 rows.
+SLACK = 1.0 + 2.0 ** -10  # covers the float32 arithmetic of e itself (relative error < 1e-6)
+
+
+def error_table(q_norm, q_resid, p_norm, p_resid, widths, product: bool, dtype, tf32: bool = False):
+    """(table (M, W) float64, cross) such that the kernel's per-element bound
+        e = K + sum_j (|zz_j| cz_j + |gg_j| cg_j + cross |zz_j| |gg_j|)   (+ 2^-22 |s_hat|, in-kernel)
+    satisfies |s_hat - s_f| <= e for every (query, pool row): s_hat the kernel's score from rounded
+    rows (`dtype`), zz_j / gg_j its pair-j dots, s_f the float32 re-score (`exact_scores`) of the
+    float32 rows. Rows of the table: product [cz_0, cg_0, cz_1, cg_1, ..., K], dot mode [K].
 
     q_norm, q_resid (M, S): per query and segment ||q_j|| and ||round(q_j) - q_j||; p_norm, p_resid
-    (S,): the pool's largest. Per segment dot of n columns, a = q_j, b = p_j (Cauchy-Schwarz):
-        kernel:  |round(a).round(b) - a.b| <= |da| |b| + |a| |db| + |da| |db|
-                 + gamma_n(u_acc) (|a| + |da|)(|b| + |db|)
-        re-score: gamma_{n+1}(2^-24) |a| |b|          (float32 products, then a float32 sum)
-    product: with |Z| <= |a_z||b_z| and errors Ez, Eg per dot, a pair errs by
-    |Z| Eg + |G| Ez + Ez Eg plus one float32 rounding of the product, and the sum over pairs
-    by gamma_P(2^-24) times its terms' magnitudes; sum/features: one dot over all columns.
+    (S,): the pool's largest. One dot of n columns, a = q_j, b = p_j (Cauchy-Schwarz):
+        kernel   E: |round(a).round(b) - a.b| <= |da| |b| + |a| |db| + |da| |db|
+                    + gamma_n(u_acc) (|a| + |da|)(|b| + |db|)
+        re-score F: gamma_{n+1}(2^-24) |a| |b|          (float32 products, then a float32 sum)
+    product: with Z' = E_z + F_z, G' = E_g + F_g, the kernel's dots zz, gg and X = |zz| + Z',
+    Y = |gg| + G' (bounds on |Z| and on the re-score's dots), a pair's products differ by at most
+        |zz| G' + |gg| Z' + Z' G'  (= X Y - |zz||gg|)
+    and the float32 roundings of both products and both sums over P pairs add at most
+    c X Y, c = 2 (2^-24 + gamma_P(2^-24)) (1 + 2^-24). Expanded per pair: |zz| G'(1+c) +
+    |gg| Z'(1+c) + Z'G'(1+c) + c |zz||gg|; everything times SLACK. Dot mode: K = E + F over all
+    columns at once, times SLACK. Unlike a bound from norms alone (|Z| <= |a||b|), the kernel's
+    own |zz|, |gg| make e ~sqrt(width) times tighter on typical rows.
     """
     q_norm = q_norm.to(torch.float64)
     q_resid = q_resid.to(torch.float64)
@@ -330,11 +361,10 @@ def score_margin(q_norm, q_resid, p_norm, p_resid, widths, product: bool, dtype,
         p_resid = p_resid + _TF32_INPUT * p_norm
     u_acc = _U_ACC_IEEE if (dtype == torch.float32 and not tf32) else _U_ACC_MMA
 
-    def dot_bounds(a, da, b, db, n):
-        """(bound on |exact dot|, kernel error, re-score error) for one dot of n columns."""
-        mag = a * b
+    def dot_bound(a, da, b, db, n):
+        """E + F of one dot of n columns."""
         kern = da * b + a * db + da * db + _gamma(n, u_acc) * (a + da) * (b + db)
-        return mag, kern, _gamma(n + 1, _U32) * mag
+        return kern + _gamma(n + 1, _U32) * a * b
 
     if not product:
         n = int(sum(widths))
@@ -342,26 +372,28 @@ def score_margin(q_norm, q_resid, p_norm, p_resid, widths, product: bool, dtype,
         da = q_resid.square().sum(1).sqrt()
         b = p_norm.square().sum().sqrt()  # max_r sqrt(sum_j |p_rj|^2) <= sqrt(sum_j max_r |p_rj|^2)
         db = p_resid.square().sum().sqrt()
-        _, kern, res = dot_bounds(a, da, b, db, n)
-        return (kern + res) * (1 + 1e-9)
+        return (dot_bound(a, da, b, db, n) * SLACK)[:, None], 0.0
 
     n_pairs = len(widths) // 2
-    g_sum = _gamma(n_pairs, _U32)
-    total = torch.zeros(q_norm.shape[0], dtype=torch.float64, device=q_norm.device)
-    mags_k = torch.zeros_like(total)
-    mags_r = torch.zeros_like(total)
+    c = 2 * (_U32 + _gamma(n_pairs, _U32)) * (1 + _U32)
+    table = torch.empty((q_norm.shape[0], 2 * n_pairs + 1), dtype=torch.float64, device=q_norm.device)
+    const = torch.zeros(q_norm.shape[0], dtype=torch.float64, device=q_norm.device)
     for j in range(n_pairs):
         z, g = 2 * j, 2 * j + 1
-        xz, ez, fz = dot_bounds(q_norm[:, z], q_resid[:, z], p_norm[z], p_resid[z], widths[z])
-        xg, eg, fg = dot_bounds(q_norm[:, g], q_resid[:, g], p_norm[g], p_resid[g], widths[g])
-        big_k = (xz + ez) * (xg + eg)
-        big_r = (xz + fz) * (xg + fg)
-        total += xz * eg + xg * ez + ez * eg + _U32 * big_k  # kernel
-        total += xz * fg + xg * fz + fz * fg + _U32 * big_r  # re-score
-        mags_k += big_k * (1 + _U32)
-        mags_r += big_r * (1 + _U32)
-    total += g_sum * (mags_k + mags_r)
-    return total * (1 + 1e-9)
+        zp = dot_bound(q_norm[:, z], q_resid[:, z], p_norm[z], p_resid[z], widths[z])
+        gp = dot_bound(q_norm[:, g], q_resid[:, g], p_norm[g], p_resid[g], widths[g])
+        table[:, 2 * j] = gp * (1 + c) * SLACK  # times |zz_j|
+        table[:, 2 * j + 1] = zp * (1 + c) * SLACK  # times |gg_j|
+        const += zp * gp * (1 + c)
+    table[:, -1] = const * SLACK
+    return table, c * SLACK
+
+
+def _up32(x64: torch.Tensor) -> torch.Tensor:
+    """float64 -> the smallest float32 >= it (a bound never shrinks by the cast)."""
+    x32 = x64.to(torch.float32)
+    under = x32.to(torch.float64) < x64
+    return torch.where(under, torch.nextafter(x32, torch.full_like(x32, float("inf"))), x32)
 
 
 def _down32(x64: torch.Tensor) -> torch.Tensor:
@@ -371,12 +403,19 @@ def _down32(x64: torch.Tensor) -> torch.Tensor:
     return torch.where(over, torch.nextafter(x32, torch.full_like(x32, float("-inf"))), x32)
 
 
+def device_error_table(table64: torch.Tensor, rows: int) -> torch.Tensor:
+    """The (rows, W) float32 table the kernel reads: `table64` rounded up, zero-padded rows."""
+    out = torch.zeros((rows, table64.shape[1]), dtype=torch.float32, device=table64.device)
+    out[:table64.shape[0]] = _up32(table64)
+    return out
+
+
 # ----------------------------------------------------------------------------- re-scoring
 
 def exact_scores(q32, fetch, widths, product: bool, cand) -> torch.Tensor:
     """float32 scores of query rows q32 (m, D) against candidates cand (m, r) (local pool positions,
     -1 = none; -inf there). fetch(positions int64 tensor) -> their normalised float32 rows (len, D).
-    Products and sums in float32: the re-score s_f of `score_margin`."""
+    Products and sums in float32: the re-score s_f of `error_table`."""
     m, r = cand.shape
     out = torch.full((m, r), float("-inf"), dtype=torch.float32, device=q32.device)
     if m == 0 or r == 0:
@@ -443,29 +482,33 @@ def _programs(cfg: Config, n_tiles: int, device) -> int:
     return max(1, min(n_tiles, 4))
 
 
-def launch(kernel, q_buf, p_buf, row_lo, row_hi, lay: PaddedLayout, steps: torch.Tensor, cfg: Config, *,
-           dense_out=None, tau=None, cnt=None, cand=None, precision="ieee"):
+def launch(kernel, q_buf, p_buf, row_lo, row_hi, lay: PaddedLayout, steps: torch.Tensor, err: torch.Tensor,
+           cross: float, cfg: Config, *, dense_out=None, tau=None, cnt=None, cand=None, precision="ieee"):
     """One kernel launch over all query rows of q_buf and pool rows [row_lo, row_hi) of p_buf
-    (steps: lay.steps() on the device): DENSE when dense_out is given (its shape (q_buf rows,
-    row_hi - row_lo)), else FILTER (tau (q rows,) float32, cnt (q rows,) int32, cand = (scores
-    float32, rows int32), both (q rows, cap), one stride)."""
+    (steps: lay.steps() on the device; err: the (q_buf rows, W) float32 `device_error_table`,
+    cross its a*b coefficient): DENSE when dense_out = (lower, upper) is given (each (q_buf rows,
+    row_hi - row_lo) float32, one stride), else FILTER (tau (q rows,) float32, cnt (q rows,)
+    int32, cand = (upper bounds float32, rows int32), each (q rows, cap), one stride)."""
     m_blocks = q_buf.shape[0] // cfg.block_m
     first_block = row_lo // cfg.block_n
     n_blocks = -(-row_hi // cfg.block_n) - first_block
     n_tiles = m_blocks * n_blocks
     if n_tiles == 0:
         return
+    if err.shape[0] != q_buf.shape[0] or err.dtype != torch.float32:
+        raise ValueError(f"err: expected a ({q_buf.shape[0]}, W) float32 table, got {tuple(err.shape)} {err.dtype}")
     dense = dense_out is not None
     dummy = steps  # unused pointer arguments of the other mode
+    out_lo, out_hi = dense_out if dense else (dummy, dummy)
+    cand_hi, cand_i = cand if cand is not None else (dummy, dummy)
     grid = (_programs(cfg, n_tiles, q_buf.device),)
     kernel[grid](
-        _descriptor(q_buf, [cfg.block_m, lay.step]), _descriptor(p_buf, [cfg.block_n, lay.step]), steps,
-        tau if tau is not None else dummy, cnt if cnt is not None else dummy,
-        cand[0] if cand is not None else dummy, cand[1] if cand is not None else dummy,
-        dense_out if dense else dummy,
+        _descriptor(q_buf, [cfg.block_m, lay.step]), _descriptor(p_buf, [cfg.block_n, lay.step]), steps, err,
+        tau if tau is not None else dummy, cnt if cnt is not None else dummy, cand_hi, cand_i,
+        out_lo, out_hi,
         int(row_lo), int(row_hi), m_blocks, n_blocks, first_block,
-        cand[0].shape[1] if cand is not None else 0, steps.shape[0],
-        cand[0].stride(0) if cand is not None else 0, dense_out.stride(0) if dense else 0,
+        cand[0].shape[1] if cand is not None else 0, steps.shape[0], err.stride(0),
+        cand[0].stride(0) if cand is not None else 0, out_lo.stride(0) if dense else 0, float(cross),
         STEP=lay.step, PRODUCT=lay.product, DENSE=dense, PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -544,122 +587,152 @@ def filter_topk(kernel, q32, fpool: FilterPool, sel, k, state: TopK, index_offse
     dev = q32.device
     with stage(stats, "queries", dev):
         q_buf, q_norm, q_resid = pad_rows(q32, lay, dtype, cfg.block_m)
-        margin = score_margin(q_norm, q_resid, fpool.norm_max, fpool.resid_max, lay.widths, product, dtype,
-                              tf32=precision == "tf32")
+        table, cross = error_table(q_norm, q_resid, fpool.norm_max, fpool.resid_max, lay.widths, product, dtype,
+                                   tf32=precision == "tf32")
+        err = device_error_table(table, q_buf.shape[0])
     # the sample (seeded: the same rows every call; the answer never depends on it)
     s = sample_size(n, k)
     with stage(stats, "sample", dev):
-        gen = torch.Generator().manual_seed(0)
-        sample = torch.randperm(n, generator=gen)[:s].sort().values.to(p_buf.device) + lo
+        gen = torch.Generator(device=p_buf.device).manual_seed(0)
+        sample = torch.randperm(n, generator=gen, device=p_buf.device)[:s].sort().values + lo
         s_buf = torch.zeros((_round_up(s, MAX_BLOCK_N), lay.width), dtype=dtype, device=p_buf.device)
         s_buf[:s] = p_buf[sample]
     stats.sample = s
-    state_kth = state.scores[:, -1].to(torch.float64)  # -inf while the state has empty slots
-    # thresholds: dense scores against the sample, a query chunk at a time
-    tau = torch.empty(m, dtype=torch.float64, device=dev)
+    # -inf while the state has empty slots; a new row must reach the state's k-th to enter
+    state_kth = state.scores[:, -1].to(device=dev, dtype=torch.float32)
+    # thresholds: lower and upper bounds against the sample, a query chunk at a time. tau = the
+    # k-th best lower bound: k sample rows score at least that, so the k-th best of the pool does
+    tau = torch.empty(m, dtype=torch.float32, device=dev)
     est = torch.empty(m, dtype=torch.float64, device=dev)
-    chunk = max(cfg.block_m, (WORK_BYTES // (4 * s)) // cfg.block_m * cfg.block_m)
+    chunk = max(cfg.block_m, (WORK_BYTES // (8 * s)) // cfg.block_m * cfg.block_m)
     with stage(stats, "threshold", dev):
         for q0 in range(0, m, chunk):
             q1 = min(m, q0 + chunk)
-            qb = q_buf[q0:q0 + _round_up(q1 - q0, cfg.block_m)]
-            dense = torch.empty((qb.shape[0], s), dtype=torch.float32, device=dev)
-            launch(kernel, qb, s_buf, 0, s, lay, fpool.steps, cfg, dense_out=dense, precision=precision)
-            dense = dense[:q1 - q0]
+            rows_pad = _round_up(q1 - q0, cfg.block_m)
+            qb = q_buf[q0:q0 + rows_pad]
+            lower = torch.empty((rows_pad, s), dtype=torch.float32, device=dev)
+            upper = torch.empty_like(lower)
+            launch(kernel, qb, s_buf, 0, s, lay, fpool.steps, err[q0:q0 + rows_pad], cross, cfg,
+                   dense_out=(lower, upper), precision=precision)
+            lower, upper = lower[:q1 - q0], upper[:q1 - q0]
             if s >= k:
-                kth = dense.topk(k, dim=1).values[:, -1].to(torch.float64)
+                kth = lower.topk(k, dim=1).values[:, -1]
             else:
-                kth = torch.full((q1 - q0,), float("-inf"), dtype=torch.float64, device=dev)
-            tau[q0:q1] = torch.maximum(kth - 2 * margin[q0:q1], state_kth[q0:q1] - margin[q0:q1])
-            est[q0:q1] = (dense >= _down32(tau[q0:q1])[:, None]).sum(1).to(torch.float64) * (n / s)
-            del dense
+                kth = torch.full((q1 - q0,), float("-inf"), dtype=torch.float32, device=dev)
+            tau[q0:q1] = torch.maximum(kth, state_kth[q0:q1])
+            est[q0:q1] = (upper >= tau[q0:q1, None]).sum(1).to(torch.float64) * (n / s)
+            del lower, upper
     # candidate slots per row: the sample's estimate (x 1.5, + 2k) for 99% of rows, bounded; the
     # rows beyond it overflow and are redone with a raised threshold
     typical = float(est.sort().values[min(m - 1, int(0.99 * m))])
     cap = int(min(MAX_CAP, max(MIN_CAP, 2 * k, 1 << math.ceil(math.log2(1.5 * typical + 2 * k)))))
     stats.cap = cap
-    chunk = max(cfg.block_m, (WORK_BYTES // (8 * cap)) // cfg.block_m * cfg.block_m)
+    chunk = max(cfg.block_m, (WORK_BYTES // (12 * cap)) // cfg.block_m * cfg.block_m)
     for q0 in range(0, m, chunk):  # filter, then select, a chunk at a time (one candidate buffer live)
         q1 = min(m, q0 + chunk)
-        qb = q_buf[q0:q0 + _round_up(q1 - q0, cfg.block_m)]
+        rows_pad = _round_up(q1 - q0, cfg.block_m)
+        rescore = _Rescorer(q32[q0:q1], fetch, lay.widths, product, k, stats)
         with stage(stats, "filter", dev):
-            keys = _filter_rows(kernel, qb, p_buf, lo, hi, lay, fpool.steps, cfg, tau[q0:q1], cap, index_offset,
-                                precision, k, margin[q0:q1], stats)
+            found = _filter_rows(kernel, q_buf[q0:q0 + rows_pad], err[q0:q0 + rows_pad], cross, p_buf, lo, hi,
+                                 lay, fpool.steps, cfg, tau[q0:q1], cap, precision, rescore, stats)
         with stage(stats, "select", dev):
-            state = _select(q32, [(q0, q1, keys)], state, k, margin, fetch, lay.widths, product, index_offset,
-                            stats, reference)
+            state = _select(q32, q0, q1, found, state, rescore, index_offset, stats, reference)
     return state
 
 
-def _filter_rows(kernel, qb, p_buf, lo, hi, lay, steps, cfg, tau, cap, index_offset, precision, k, margin,
-                 stats):
-    """Candidate keys (rows, cap) of one query chunk (EMPTY_KEY-padded) and a (rows,) bool mask of
-    the rows that still overflowed after MAX_REDOS redos with raised thresholds (their keys are
-    incomplete). qb holds the chunk's padded query rows, tau and margin its (rows,) float64."""
+class _Rescorer:
+    """float32 re-scores (`exact_scores`) of one query chunk's candidates, counted in stats."""
+
+    def __init__(self, q32, fetch, widths, product, k, stats):
+        self.q32, self.fetch, self.widths, self.product, self.k, self.stats = q32, fetch, widths, product, k, stats
+
+    def __call__(self, rows, local):
+        """Exact scores of chunk rows `rows` against local pool rows `local` (len(rows), r) (-1: none)."""
+        self.stats.rescored += int((local >= 0).sum())
+        return exact_scores(self.q32[rows], self.fetch, self.widths, self.product, local)
+
+    def best_k(self, rows, upper, local):
+        """(exact scores, local rows, positions) of each row's k candidates with the best upper
+        bounds, re-scored: the k-th best of those scores is a lower bound on the row's k-th best."""
+        kk = min(self.k, upper.shape[1])
+        top = upper.topk(kk, dim=1)
+        pick = torch.where(top.values > float("-inf"), local.gather(1, top.indices).to(torch.int64), -1)
+        return self(rows, pick), pick, top.indices
+
+
+def _kth(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's k-th best (-inf with fewer than k columns)."""
+    if scores.shape[1] < k:
+        return torch.full((scores.shape[0],), float("-inf"), dtype=scores.dtype, device=scores.device)
+    return scores.topk(k, dim=1).values[:, -1]
+
+
+def _filter_rows(kernel, qb, err, cross, p_buf, lo, hi, lay, steps, cfg, tau, cap, precision, rescore, stats):
+    """Candidates of one query chunk: (upper bound, local row) each (rows, cap) (-inf, -1 in empty
+    slots) and a (rows,) bool mask of the rows that still overflowed after MAX_REDOS redos with
+    raised thresholds (their candidates are incomplete). qb, err: the chunk's padded query rows
+    and error table; tau its (rows,) float32 thresholds."""
     rows = tau.shape[0]
-    keys = torch.full((rows, cap), EMPTY_KEY, dtype=torch.int64, device=qb.device)
-    failed = torch.zeros(rows, dtype=torch.bool, device=qb.device)
-    todo = torch.arange(rows, device=qb.device)
-    q_todo, tau_todo = qb, tau
+    dev = qb.device
+    upper = torch.full((rows, cap), float("-inf"), dtype=torch.float32, device=dev)
+    local = torch.full((rows, cap), -1, dtype=torch.int32, device=dev)
+    failed = torch.zeros(rows, dtype=torch.bool, device=dev)
+    todo = torch.arange(rows, device=dev)
+    q_todo, err_todo, tau_todo = qb, err, tau
     for attempt in range(MAX_REDOS + 1):
         rows_pad = q_todo.shape[0]
-        tau32 = torch.full((rows_pad,), float("inf"), dtype=torch.float32, device=qb.device)
-        tau32[:len(todo)] = _down32(tau_todo)
-        cnt = torch.zeros(rows_pad, dtype=torch.int32, device=qb.device)
-        cand_s = torch.full((rows_pad, cap), float("-inf"), dtype=torch.float32, device=qb.device)
-        cand_i = torch.full((rows_pad, cap), -1, dtype=torch.int32, device=qb.device)
-        launch(kernel, q_todo, p_buf, lo, hi, lay, steps, cfg, tau=tau32, cnt=cnt, cand=(cand_s, cand_i),
+        tau32 = torch.full((rows_pad,), float("inf"), dtype=torch.float32, device=dev)
+        tau32[:len(todo)] = tau_todo
+        cnt = torch.zeros(rows_pad, dtype=torch.int32, device=dev)
+        cand = (torch.full((rows_pad, cap), float("-inf"), dtype=torch.float32, device=dev),
+                torch.full((rows_pad, cap), -1, dtype=torch.int32, device=dev))
+        launch(kernel, q_todo, p_buf, lo, hi, lay, steps, err_todo, cross, cfg, tau=tau32, cnt=cnt, cand=cand,
                precision=precision)
         cnt = cnt[:len(todo)]
-        local = cand_i[:len(todo)].to(torch.int64)
-        cand = pack_keys(cand_s[:len(todo)], torch.where(local >= 0, local + index_offset, local))
+        upper[todo], local[todo] = cand[0][:len(todo)], cand[1][:len(todo)]
         stats.candidates += int(cnt.clamp(max=cap).sum())
         over = cnt > cap
-        keys[todo] = cand
         if not bool(over.any()):
             break
         if attempt == MAX_REDOS:
             failed[todo[over]] = True
             break
-        # raise tau: the stored candidates' k-th best s_hat, minus 2 m, is still a lower bound
-        idx = over.nonzero().flatten()
-        kth_score = unpack_keys(cand[idx].topk(k, dim=1).values[:, -1])[0].to(torch.float64)
-        todo = todo[idx]
-        tau_todo = torch.maximum(tau_todo[idx], kth_score - 2 * margin[todo])
+        # raise tau to the k-th best re-score among the stored candidates: k real rows reach it
+        todo = todo[over.nonzero().flatten()]
+        exact, _, _ = rescore.best_k(todo, upper[todo], local[todo])
+        tau_todo = torch.maximum(tau_todo[over], _kth(exact, rescore.k))
         stats.redone += len(todo)
-        q_todo = torch.zeros((_round_up(len(todo), cfg.block_m), qb.shape[1]), dtype=qb.dtype, device=qb.device)
+        q_todo = torch.zeros((_round_up(len(todo), cfg.block_m), qb.shape[1]), dtype=qb.dtype, device=dev)
         q_todo[:len(todo)] = qb[todo]
-    return keys, failed
+        err_todo = torch.zeros((q_todo.shape[0], err.shape[1]), dtype=err.dtype, device=dev)
+        err_todo[:len(todo)] = err[todo]
+    return upper, local, failed
 
 
-def _select(q32, parts, state: TopK, k, margin, fetch, widths, product, index_offset, stats, reference) -> TopK:
-    """Step 4 for every chunk: re-score the candidates within 2 m of each row's k-th best and merge."""
+def _select(q32, q0, q1, found, state: TopK, rescore, index_offset, stats, reference) -> TopK:
+    """Step 5 for query rows [q0, q1): per row, the k candidates with the best upper bounds are
+    re-scored and merged into the state; then every other candidate whose upper bound reaches
+    the state's new k-th score (a lower bound on the final one) is re-scored and merged. Rows the
+    filter gave up on go to `reference`."""
+    upper, local, failed = found
     scores, index = state.scores.clone(), state.index.clone()
-    fallback = []
-    for q0, q1, (keys, failed) in parts:
-        rows = torch.arange(q0, q1, device=keys.device)
-        if bool(failed.any()):
-            fallback.append(rows[failed])
-            rows, keys = rows[~failed], keys[~failed]
-        if len(rows) == 0:
-            continue
-        s_hat, _ = unpack_keys(keys)
-        top = keys.topk(min(k, keys.shape[1]), dim=1).values[:, -1]
-        t = torch.where(top == EMPTY_KEY, float("-inf"), unpack_keys(top)[0].to(torch.float64))
-        keep = (keys != EMPTY_KEY) & (s_hat.to(torch.float64) >= (t - 2 * margin[rows])[:, None])
+    rows = torch.arange(q1 - q0, device=upper.device)
+    fallback = rows[failed] + q0
+    rows, upper, local = rows[~failed], upper[~failed], local[~failed]
+    if len(rows):
+        g = rows + q0
+        exact, pick, positions = rescore.best_k(rows, upper, local)
+        merged = TopK(scores[g], index[g]).merge((exact, torch.where(pick >= 0, pick + index_offset, pick)))
+        keep = (local >= 0) & (upper >= merged.scores[:, -1:].to(upper.device))
+        keep.scatter_(1, positions, False)  # re-scored already
         r = int(keep.sum(1).max())
-        if r == 0:
-            continue
-        best = torch.where(keep, keys, torch.full_like(keys, EMPTY_KEY)).topk(r, dim=1).values
-        _, gidx = unpack_keys(best)
-        local = torch.where(best == EMPTY_KEY, torch.full_like(gidx, -1), gidx - index_offset)
-        stats.rescored += int((local >= 0).sum())
-        exact = exact_scores(q32[rows], fetch, widths, product, local)
-        merged = TopK(scores[rows], index[rows]).merge((exact, torch.where(local >= 0, gidx, local)))
-        scores[rows], index[rows] = merged.scores, merged.index
-    if fallback:
-        rows = torch.cat(fallback)
-        stats.fallback += len(rows)
-        done = reference(q32[rows], TopK(scores[rows], index[rows]))
-        scores[rows], index[rows] = done.scores, done.index
+        if r:
+            order = torch.where(keep, upper, torch.full_like(upper, float("-inf"))).topk(r, dim=1).indices
+            more = torch.where(keep.gather(1, order), local.gather(1, order).to(torch.int64), -1)
+            merged = merged.merge((rescore(rows, more), torch.where(more >= 0, more + index_offset, more)))
+        scores[g], index[g] = merged.scores, merged.index
+    if len(fallback):
+        stats.fallback += len(fallback)
+        done = reference(q32[fallback], TopK(scores[fallback], index[fallback]))
+        scores[fallback], index[fallback] = done.scores, done.index
     return TopK(scores, index)
