@@ -206,6 +206,32 @@ def sass_opcodes(sass: str) -> Counter:
     return Counter(m.group(1) for m in _SASS_INSN.finditer(sass))
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def mma_loop_facts(sass: str, log: str) -> dict:
+    """Where the spills sit relative to the tensor-core loop. mma_loop: the address range of the
+    shortest backward branch enclosing an MMA instruction (the innermost K loop; longer ranges are
+    the tile loop or mbarrier retry jumps from the end of the function); mainloop_local_ops:
+    LDL/STL inside it (spill traffic paid per K step, not once per tile); wgmma_serialized:
+    ptxas warned (C7515) that non-wgmma instructions define wgmma accumulators inside a pipeline
+    stage, so the wgmmas run one at a time."""
+    insns = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in _SASS_LINE.finditer(sass)]
+    mma_at = [a for a, op, _ in insns if op.startswith(("HGMMA", "HMMA"))]
+    loops = []
+    for addr, op, rest in insns:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            lo = int(target.group(1), 16)
+            if any(lo <= a <= addr for a in mma_at):
+                loops.append((addr - lo, lo, addr))
+    if not loops:
+        return {"mma_loop": None, "mainloop_local_ops": None, "wgmma_serialized": "C7515" in (log or "")}
+    _, lo, hi = min(loops)
+    local = sum(1 for a, op, _ in insns if op.startswith(("LDL", "STL")) and lo <= a <= hi)
+    return {"mma_loop": [hex(lo), hex(hi)], "mainloop_local_ops": local, "wgmma_serialized": "C7515" in (log or "")}
+
+
 def mma_kind(ops: Counter) -> str:
     if any(op.startswith("wgmma.mma_async") for op in ops):
         return "wgmma"
@@ -618,6 +644,7 @@ def compile_record(cfg: ReportConfig, rec: dict | None = None, artifacts: str | 
         "sort_merge_ptx": sort_merge_facts(ops),
         "sass_detail": sass_facts(sops) if sops else None,
     }
+    rec["mma_loop"] = mma_loop_facts(sass, log) if sass else None
     return rec
 
 

@@ -257,14 +257,18 @@ def test_padded_layout():
     lay = tf.PaddedLayout.of((7, 33, 64, 64), True)
     assert lay.padded == (48, 48, 64, 64) and lay.step == 16 and lay.width == 224
     assert lay.offsets == (0, 48, 96, 160)
-    steps = lay.steps()
-    assert steps.shape == (3 + 4, 3) and steps[:, 2].tolist() == [0, 0, 1, 0, 0, 0, 2]  # pair j ends: j + 1
-    assert steps[0].tolist() == [0, 48, 0] and steps[3].tolist() == [96, 160, 0]
+    assert (lay.n_steps, lay.n_pairs) == (3 + 4, 2)
+    steps = lay.steps()  # flat: (z col, g col, 0) per step, then (first, end) step per pair
+    assert steps.shape == (3 * 7 + 2 * 2,)
+    per_step = steps[:21].reshape(7, 3)
+    assert per_step[0].tolist() == [0, 48, 0] and per_step[3].tolist() == [96, 160, 0]
+    assert per_step[:, 2].tolist() == [0] * 7 and steps[21:].tolist() == [0, 3, 3, 7]
     suite = tf.PaddedLayout.of(tuple(w for w in (64, 128, 256, 512) for _ in (0, 1)), True)
-    assert suite.step == 64 and suite.width == 1920 and len(suite.steps()) == 15
+    assert suite.step == 64 and suite.width == 1920 and (suite.n_steps, suite.n_pairs) == (15, 4)
+    assert suite.steps()[-8:].tolist() == [0, 1, 1, 3, 3, 7, 7, 15]
     dot = tf.PaddedLayout.of((7, 33), False)
     assert dot.padded == (16, 48) and dot.step == 32 and dot.width == 64
-    assert dot.steps()[:, 0].tolist() == [0, 32]
+    assert (dot.n_steps, dot.n_pairs) == (2, 0) and dot.steps().reshape(-1, 3)[:, 0].tolist() == [0, 32]
 
 
 def test_precision_choice_and_options():

@@ -70,15 +70,15 @@ _TF32_INPUT = 2.0 ** -10  # tf32 input rounding, truncation allowed
 
 
 def _filter_kernel(Q, P, KCOL, ERR, TAU, CNT, CAND_HI, CAND_I, OUT_LO, OUT_HI,
-                   row_lo, row_hi, m_blocks, n_blocks, first_block, cap, n_steps,
+                   row_lo, row_hi, m_blocks, n_blocks, first_block, cap, n_steps, n_pairs,
                    stride_e, stride_cm, stride_om, cross,
                    STEP: tl.constexpr, PRODUCT: tl.constexpr, DENSE: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
                    NUM_STAGES: tl.constexpr):
     """Q, P: tensor descriptors (TMA on Hopper) of the padded query and pool buffers (step 1),
-    blocks [BLOCK_M, STEP] and [BLOCK_N, STEP]. KCOL: int32 (n_steps, 3) per K step: the z
-    column, the g column (product; dot mode reads the first only) and, on the last step of pair
-    j, j + 1 (else 0). ERR: float32 (q rows, stride_e) per query row: product mode
+    blocks [BLOCK_M, STEP] and [BLOCK_N, STEP]. KCOL: int32, flat (`PaddedLayout.steps`): per K
+    step the z column and the g column (product; dot mode reads the first only) and a 0, then per
+    pair its first and end step. ERR: float32 (q rows, stride_e) per query row: product mode
     [cz_0, cg_0, cz_1, cg_1, ..., K], dot mode [K] (`error_table`); cross: the a*b coefficient.
     Per (query, pool row) the kernel's score s_hat and its error bound
         e = K + sum_j (|zz_j| cz_j + |gg_j| cg_j + cross |zz_j| |gg_j|) + 2^-22 |s_hat|
@@ -108,25 +108,25 @@ def _filter_kernel(Q, P, KCOL, ERR, TAU, CNT, CAND_HI, CAND_I, OUT_LO, OUT_HI,
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         err = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + tl.load(err_rows + (stride_e - 1))[:, None]
         if PRODUCT:
-            # one K loop over all pairs (z_j and g_j padded to one width): two dots per step, and
-            # at a pair's last step acc += zz * gg, the pair's error terms, and both restart
-            zz = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            gg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for i in tl.range(0, n_steps, num_stages=NUM_STAGES):
-                cz = tl.load(KCOL + 3 * i)
-                cg = tl.load(KCOL + 3 * i + 1)
-                zz = tl.dot(Q.load([q_row, cz]), P.load([p_row, cz]).T, zz, input_precision=PRECISION)
-                gg = tl.dot(Q.load([q_row, cg]), P.load([p_row, cg]).T, gg, input_precision=PRECISION)
-                pair_end = tl.load(KCOL + 3 * i + 2)
-                if pair_end != 0:
-                    a = tl.abs(zz)
-                    b = tl.abs(gg)
-                    coef_z = tl.load(err_rows + 2 * (pair_end - 1))
-                    coef_g = tl.load(err_rows + 2 * (pair_end - 1) + 1)
-                    err += a * coef_z[:, None] + b * (coef_g[:, None] + cross * a)
-                    acc += zz * gg
-                    zz = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                    gg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            # per pair a pipelined K loop over its steps (z_j and g_j padded to one width, two dots
+            # per step), then acc += zz * gg and the pair's error terms. The accumulators restart
+            # outside the pipelined loop: zeroing them inside it serialises the wgmmas (ptxas C7515)
+            for j in range(0, n_pairs):
+                first = tl.load(KCOL + 3 * n_steps + 2 * j)
+                last = tl.load(KCOL + 3 * n_steps + 2 * j + 1)
+                zz = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                gg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for i in tl.range(first, last, num_stages=NUM_STAGES):
+                    cz = tl.load(KCOL + 3 * i)
+                    cg = tl.load(KCOL + 3 * i + 1)
+                    zz = tl.dot(Q.load([q_row, cz]), P.load([p_row, cz]).T, zz, input_precision=PRECISION)
+                    gg = tl.dot(Q.load([q_row, cg]), P.load([p_row, cg]).T, gg, input_precision=PRECISION)
+                a = tl.abs(zz)
+                b = tl.abs(gg)
+                coef_z = tl.load(err_rows + 2 * j)
+                coef_g = tl.load(err_rows + 2 * j + 1)
+                err += a * coef_z[:, None] + b * (coef_g[:, None] + cross * a)
+                acc += zz * gg
         else:
             for i in tl.range(0, n_steps, num_stages=NUM_STAGES):
                 c = i * STEP
@@ -163,7 +163,7 @@ def _filter_kernel(Q, P, KCOL, ERR, TAU, CNT, CAND_HI, CAND_I, OUT_LO, OUT_HI,
 
 # Integers that change between calls on one pool: not specialised (no recompiles in timed loops).
 RUNTIME_INTS = ("row_lo", "row_hi", "m_blocks", "n_blocks", "first_block", "cap")
-# n_steps stays specialised: fixed per layout
+# n_steps and n_pairs stay specialised: fixed per layout
 _JITTED = []
 
 
@@ -214,19 +214,30 @@ class PaddedLayout:
         offsets = tuple(int(x) for x in np.cumsum((0,) + padded[:-1]))
         return cls(widths, padded, offsets, step, width, bool(product))
 
+    @property
+    def n_pairs(self) -> int:
+        """(z_j, g_j) pairs (product); 0 in dot mode."""
+        return len(self.padded) // 2 if self.product else 0
+
+    @property
+    def n_steps(self) -> int:
+        """K steps of `step` columns: over every pair (product), or over all columns."""
+        if self.product:
+            return sum(self.padded[0::2]) // self.step
+        return self.width // self.step
+
     def steps(self) -> np.ndarray:
-        """int32 (n_steps, 3): per K step the z column, the g column, and j + 1 on the last step
-        of pair j, else 0 (product); dot mode: the column twice, 0."""
+        """The kernel's int32 step table, flat: n_steps rows (z column, g column, 0) -- dot mode:
+        (column, column, 0) -- then n_pairs rows (first step, end step) of each pair's steps."""
         if not self.product:
             cols = np.arange(0, self.width, self.step)
-            return np.stack([cols, cols, np.zeros_like(cols)], 1).astype(np.int32)
-        rows = []
+            return np.stack([cols, cols, np.zeros_like(cols)], 1).astype(np.int32).reshape(-1)
+        rows, bounds = [], []
         for j in range(0, len(self.padded), 2):
             n = self.padded[j] // self.step
-            for t in range(n):
-                rows.append((self.offsets[j] + t * self.step, self.offsets[j + 1] + t * self.step,
-                             j // 2 + 1 if t == n - 1 else 0))
-        return np.asarray(rows, dtype=np.int32).reshape(-1, 3)
+            bounds += [len(rows), len(rows) + n]
+            rows += [(self.offsets[j] + t * self.step, self.offsets[j + 1] + t * self.step, 0) for t in range(n)]
+        return np.concatenate([np.asarray(rows, dtype=np.int32).reshape(-1), np.asarray(bounds, dtype=np.int32)])
 
 
 def pad_rows(x32: torch.Tensor, lay: PaddedLayout, dtype, rows_to: int):
@@ -485,7 +496,7 @@ def _programs(cfg: Config, n_tiles: int, device) -> int:
 def launch(kernel, q_buf, p_buf, row_lo, row_hi, lay: PaddedLayout, steps: torch.Tensor, err: torch.Tensor,
            cross: float, cfg: Config, *, dense_out=None, tau=None, cnt=None, cand=None, precision="ieee"):
     """One kernel launch over all query rows of q_buf and pool rows [row_lo, row_hi) of p_buf
-    (steps: lay.steps() on the device; err: the (q_buf rows, W) float32 `device_error_table`,
+    (steps: lay.steps() on the device, flat; err: the (q_buf rows, W) float32 `device_error_table`,
     cross its a*b coefficient): DENSE when dense_out = (lower, upper) is given (each (q_buf rows,
     row_hi - row_lo) float32, one stride), else FILTER (tau (q rows,) float32, cnt (q rows,)
     int32, cand = (upper bounds float32, rows int32), each (q rows, cap), one stride)."""
@@ -507,7 +518,7 @@ def launch(kernel, q_buf, p_buf, row_lo, row_hi, lay: PaddedLayout, steps: torch
         tau if tau is not None else dummy, cnt if cnt is not None else dummy, cand_hi, cand_i,
         out_lo, out_hi,
         int(row_lo), int(row_hi), m_blocks, n_blocks, first_block,
-        cand[0].shape[1] if cand is not None else 0, steps.shape[0], err.stride(0),
+        cand[0].shape[1] if cand is not None else 0, lay.n_steps, lay.n_pairs, err.stride(0),
         cand[0].stride(0) if cand is not None else 0, out_lo.stride(0) if dense else 0, float(cross),
         STEP=lay.step, PRODUCT=lay.product, DENSE=dense, PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages,
