@@ -464,7 +464,8 @@ def topk_runner(name: str, q, p, k: int, combine: str, options: Mapping | None =
     return lambda: pyfk.topk(q, p, k, combine=combine, normalize="pcc", backend=name, options=opts)
 
 
-def _as_cpu_tensor(x) -> torch.Tensor:
+def as_cpu_tensor(x) -> torch.Tensor:
+    """A result (torch on any device, or NumPy for NumPy inputs) as a CPU tensor."""
     return x.detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
 
 
@@ -480,8 +481,8 @@ def compare_topk(name: str, q: pyfk.Descriptors, p: pyfk.Descriptors, k: int, co
     """
     want_s, want_i = pyfk.topk(q, p, k, combine=combine, normalize="pcc", backend=REFERENCE)
     got_s, got_i = topk_runner(name, q, p, k, combine, options)()
-    ws, wi = _as_cpu_tensor(want_s).float(), _as_cpu_tensor(want_i)
-    gs, gi = _as_cpu_tensor(got_s).float(), _as_cpu_tensor(got_i)
+    ws, wi = as_cpu_tensor(want_s).float(), as_cpu_tensor(want_i)
+    gs, gi = as_cpu_tensor(got_s).float(), as_cpu_tensor(got_i)
     M, N = q.n, p.n
     out: dict = {"backend": name, "M": M, "N": N, "k": k}
     if tuple(gs.shape) != (M, k) or tuple(gi.shape) != (M, k):
@@ -538,7 +539,7 @@ def recall_vs_exact(name: str, q: pyfk.Descriptors, p: pyfk.Descriptors, k: int,
     exact = auto_choice(q.device)
     want = pyfk.topk(q, p, k, combine=combine, normalize="pcc", backend=exact)[1]
     got = topk_runner(name, q, p, k, combine, options)()[1]
-    return recall_at_k(_as_cpu_tensor(got), _as_cpu_tensor(want))
+    return recall_at_k(as_cpu_tensor(got), as_cpu_tensor(want))
 
 
 # ----------------------------------------------------------------------------- machine info

@@ -164,15 +164,12 @@ def search(queries: Descriptors, pool: Descriptors | PreparedPool, k: int, combi
     of global pool indices. `pool` may be a PreparedPool from an earlier call (same combine
     and normalisation), which is then reused. Inputs are not validated here (see `topk`)."""
     total = pool.n if rows is None else len(rows)
-    if isinstance(backend, Backend):
-        b = backend
-    elif isinstance(pool, PreparedPool):
-        b = resolve_for(backend, pool.device, queries.n, total, pool.layout, k, pool.parts[0])
-    else:
-        b = resolve_for(backend, pool.device, queries.n, total, Layout.of(pool, combine)[1], k, pool.z[0])
+    prepared = isinstance(pool, PreparedPool)
+    p_parts, layout = (pool.parts, pool.layout) if prepared else Layout.of(pool, combine)
+    b = backend if isinstance(backend, Backend) else resolve_for(backend, pool.device, queries.n, total, layout, k,
+                                                                  p_parts[0])
     opts = b.resolve_options(options)
-    if not isinstance(pool, PreparedPool):
-        p_parts, layout = Layout.of(pool, combine)
+    if not prepared:
         pool = b.prepare(p_parts, layout, normalize)
     q_parts, _ = Layout.of(queries, combine)
     q = normalized_block(q_parts, slice(None), normalize, device=pool.device)

@@ -60,7 +60,6 @@ MAX_REDOS = 3
 RESCORE_ELEMS = 1 << 24  # float32 elements gathered per re-score step
 
 # unit roundoffs of the inputs (rounding to nearest) and of the accumulation (per add, relative)
-_U_INPUT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 0.0}
 # tensor-core float32 accumulation is not IEEE round-to-nearest on every GPU (truncation, few
 # guard bits): 4 ulps per add, generous; the IEEE float32 path (FMA) gets 2 ulps
 _U_ACC_MMA = 2.0 ** -21
@@ -407,13 +406,6 @@ def _up32(x64: torch.Tensor) -> torch.Tensor:
     return torch.where(under, torch.nextafter(x32, torch.full_like(x32, float("inf"))), x32)
 
 
-def _down32(x64: torch.Tensor) -> torch.Tensor:
-    """float64 -> the largest float32 <= it (so a threshold never rises by the cast)."""
-    x32 = x64.to(torch.float32)
-    over = x32.to(torch.float64) > x64
-    return torch.where(over, torch.nextafter(x32, torch.full_like(x32, float("-inf"))), x32)
-
-
 def device_error_table(table64: torch.Tensor, rows: int) -> torch.Tensor:
     """The (rows, W) float32 table the kernel reads: `table64` rounded up, zero-padded rows."""
     out = torch.zeros((rows, table64.shape[1]), dtype=torch.float32, device=table64.device)
@@ -626,11 +618,7 @@ def filter_topk(kernel, q32, fpool: FilterPool, sel, k, state: TopK, index_offse
             launch(kernel, qb, s_buf, 0, s, lay, fpool.steps, err[q0:q0 + rows_pad], cross, cfg,
                    dense_out=(lower, upper), precision=precision)
             lower, upper = lower[:q1 - q0], upper[:q1 - q0]
-            if s >= k:
-                kth = lower.topk(k, dim=1).values[:, -1]
-            else:
-                kth = torch.full((q1 - q0,), float("-inf"), dtype=torch.float32, device=dev)
-            tau[q0:q1] = torch.maximum(kth, state_kth[q0:q1])
+            tau[q0:q1] = torch.maximum(_kth(lower, k), state_kth[q0:q1])
             est[q0:q1] = (upper >= tau[q0:q1, None]).sum(1).to(torch.float64) * (n / s)
             del lower, upper
     # candidate slots per row: the sample's estimate (x 1.5, + 2k) for 99% of rows, bounded; the
@@ -638,7 +626,8 @@ def filter_topk(kernel, q32, fpool: FilterPool, sel, k, state: TopK, index_offse
     typical = float(est.sort().values[min(m - 1, int(0.99 * m))])
     cap = int(min(MAX_CAP, max(MIN_CAP, 2 * k, 1 << math.ceil(math.log2(1.5 * typical + 2 * k)))))
     stats.cap = cap
-    chunk = max(cfg.block_m, (WORK_BYTES // (12 * cap)) // cfg.block_m * cfg.block_m)
+    # a candidate slot: its upper bound (float32) and pool row (int32)
+    chunk = max(cfg.block_m, (WORK_BYTES // (8 * cap)) // cfg.block_m * cfg.block_m)
     for q0 in range(0, m, chunk):  # filter, then select, a chunk at a time (one candidate buffer live)
         q1 = min(m, q0 + chunk)
         rows_pad = _round_up(q1 - q0, cfg.block_m)
@@ -685,8 +674,6 @@ def _filter_rows(kernel, qb, err, cross, p_buf, lo, hi, lay, steps, cfg, tau, ca
     and error table; tau its (rows,) float32 thresholds."""
     rows = tau.shape[0]
     dev = qb.device
-    upper = torch.full((rows, cap), float("-inf"), dtype=torch.float32, device=dev)
-    local = torch.full((rows, cap), -1, dtype=torch.int32, device=dev)
     failed = torch.zeros(rows, dtype=torch.bool, device=dev)
     todo = torch.arange(rows, device=dev)
     q_todo, err_todo, tau_todo = qb, err, tau
@@ -700,7 +687,10 @@ def _filter_rows(kernel, qb, err, cross, p_buf, lo, hi, lay, steps, cfg, tau, ca
         launch(kernel, q_todo, p_buf, lo, hi, lay, steps, err_todo, cross, cfg, tau=tau32, cnt=cnt, cand=cand,
                precision=precision)
         cnt = cnt[:len(todo)]
-        upper[todo], local[todo] = cand[0][:len(todo)], cand[1][:len(todo)]
+        if attempt == 0:  # every row: the launch's buffers are the result
+            upper, local = cand[0][:rows], cand[1][:rows]
+        else:
+            upper[todo], local[todo] = cand[0][:len(todo)], cand[1][:len(todo)]
         stats.candidates += int(cnt.clamp(max=cap).sum())
         over = cnt > cap
         if not bool(over.any()):
@@ -729,7 +719,8 @@ def _select(q32, q0, q1, found, state: TopK, rescore, index_offset, stats, refer
     scores, index = state.scores.clone(), state.index.clone()
     rows = torch.arange(q1 - q0, device=upper.device)
     fallback = rows[failed] + q0
-    rows, upper, local = rows[~failed], upper[~failed], local[~failed]
+    if len(fallback):  # rare: leave those rows out (a copy of the candidates)
+        rows, upper, local = rows[~failed], upper[~failed], local[~failed]
     if len(rows):
         g = rows + q0
         exact, pick, positions = rescore.best_k(rows, upper, local)
